@@ -1,0 +1,104 @@
+"""Shared measurement helpers of the benchmarks: timing, the copy bandwidth of the same run,
+and result tables (Markdown + JSON).
+
+Each bench/bench_<op>.py has two faces: pytest-benchmark functions timing the CPU kernels
+against their plain-PyTorch equivalents (`pytest bench/ --benchmark-only`; CI runs them once
+with --benchmark-disable so they cannot rot), and a `main()` producing the GPU table
+(`python -m bench.bench_<op>`), run by bench/device_check.sh on a lent GPU.
+"""
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_us(fn, device, *, cuda_graph=False, warmup=3, rep=20):
+    """Median, p20 and p80 of fn() in microseconds.
+
+    On CUDA: triton.testing.do_bench (L2 flushed between calls), or do_bench_cudagraph for
+    microsecond kernels whose launch cost would otherwise dominate. On CPU: wall clock.
+    """
+    if torch.device(device).type == "cuda":
+        import triton.testing as tt
+
+        q = [0.5, 0.2, 0.8]
+        if cuda_graph:
+            med, p20, p80 = tt.do_bench_cudagraph(fn, quantiles=q)
+        else:
+            med, p20, p80 = tt.do_bench(fn, quantiles=q)
+        return med * 1e3, p20 * 1e3, p80 * 1e3
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e6)
+    ts.sort()
+    return statistics.median(ts), ts[len(ts) // 5], ts[(4 * len(ts)) // 5]
+
+
+def copy_bandwidth(device, nbytes=1 << 30):
+    """Device-to-device copy bandwidth of this run in bytes/s, counting read + write.
+
+    Every benchmark row reports its bandwidth as a percentage of this number.
+    """
+    if torch.device(device).type != "cuda":
+        nbytes = min(nbytes, 1 << 28)
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    med, _, _ = time_us(lambda: dst.copy_(src), device)
+    return nbytes / (med * 1e-6)
+
+
+def environment(device):
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.device(device).type == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = f"CPU ({os.cpu_count()} cores)"
+    return env
+
+
+def write_table(name, rows, columns, env, note=""):
+    """Write rows (a list of dicts) as bench/results/<name>.md and, when $OUT is set, also
+    $OUT/<name>.md and $OUT/<name>.json. Returns the Markdown text."""
+    head = f"# {name}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n"
+    if note:
+        head += note.strip() + "\n\n"
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    text = head + "\n".join(lines) + "\n"
+    dirs = [os.path.join(os.path.dirname(__file__), "results")]
+    if os.environ.get("OUT"):
+        dirs.append(os.environ["OUT"])
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{name}.md"), "w") as f:
+            f.write(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return text

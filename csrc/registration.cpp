@@ -1,0 +1,33 @@
+// The one registry of the squeeze op library: every schema lives here, kernels register
+// their implementations per dispatch key in csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu, or (Triton)
+// from squeeze_ops/_library.py. Conventions (see README): int32 indices and lengths, fp32
+// scores and statistics; mutated arguments are marked (x!) and never returned.
+#include <torch/library.h>
+
+TORCH_LIBRARY(squeeze, m) {
+  // ---- layer dimension: importance measured in the attention epilogue ----
+  m.def("add_rmsnorm_cossim(Tensor(a!) residual, Tensor attn_out, Tensor weight, Tensor cu_seqlens, "
+        "Tensor(b!) cos_sum, float eps) -> Tensor");
+  m.def("add_cossim(Tensor(a!) residual, Tensor attn_out, Tensor cu_seqlens, Tensor(b!) cos_sum) -> ()");
+  m.def("kmeans1d(Tensor x, int k) -> (Tensor labels, Tensor centroids)");
+  m.def("layer_budgets(Tensor sim, Tensor base, float p, int k, int min_budget, Tensor? max_budget) "
+        "-> (Tensor budgets, Tensor labels, Tensor centroids)");
+
+  // ---- prefill: attention with H2O / observation-window column scores, prompt compression ----
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
+        "int score_window) -> (Tensor out, Tensor lse, Tensor scores)");
+  m.def("compress_kv_(Tensor k, Tensor v, Tensor scores, Tensor cu_seqlens, Tensor budget, str policy, "
+        "int sinks, float recent_ratio, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, "
+        "Tensor(d!) slot_pos, Tensor(e!) cache_scores) -> ()");
+
+  // ---- decode: ragged per-layer caches, in-place H2O accumulation and eviction ----
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, float scale, "
+        "Tensor(a!)? scores) -> Tensor");
+  m.def("cache_append_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, Tensor(d!) slot_pos, "
+        "Tensor(e!) scores, Tensor k_new, Tensor v_new, Tensor pos) -> ()");
+  m.def("cache_evict_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, Tensor(d!) slot_pos, "
+        "Tensor(e!) scores, Tensor budget, str policy, int sinks, float recent_ratio) -> ()");
+  m.def("decode_step_(Tensor q, Tensor k_new, Tensor v_new, Tensor pos, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor(c!) lens, Tensor(d!) slot_pos, Tensor(e!) scores, Tensor budget, "
+        "float scale, str policy, int sinks, float recent_ratio, bool accumulate_scores) -> Tensor");
+}

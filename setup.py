@@ -1,0 +1,44 @@
+"""Build of the squeeze_ops._C op library.
+
+SQUEEZE_BUILD=auto (default) builds the CUDA kernels when nvcc (CUDA_HOME) and a CUDA build
+of torch are both present, else the CPU kernels only; SQUEEZE_BUILD=cpu / cuda forces either.
+The presence of a GPU is deliberately not consulted: build machines have nvcc but no GPU.
+"""
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+mode = os.environ.get("SQUEEZE_BUILD", "auto")
+if mode not in ("auto", "cpu", "cuda"):
+    raise SystemExit(f"SQUEEZE_BUILD must be auto, cpu or cuda, got {mode!r}")
+cuda_possible = CUDA_HOME is not None and torch.version.cuda is not None
+if mode == "cuda" and not cuda_possible:
+    raise SystemExit("SQUEEZE_BUILD=cuda needs nvcc (CUDA_HOME) and a CUDA build of torch")
+with_cuda = mode == "cuda" or (mode == "auto" and cuda_possible)
+
+sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+# The C++ standard is left to torch.utils.cpp_extension: torch 2.14 headers need C++20.
+extra = {"cxx": ["-O3", "-fopenmp"]}
+if with_cuda:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    # No --use_fast_math: kmeans1d must give bit-identical partitions on CPU and GPU.
+    extra["nvcc"] = ["-O3", "--fmad=false", "-lineinfo"]
+Extension = CUDAExtension if with_cuda else CppExtension
+
+setup(
+    packages=["squeeze_ops", "squeeze_ops.triton_kernels"],
+    package_dir={"squeeze_ops.triton_kernels": "triton_kernels"},
+    ext_modules=[
+        Extension(
+            "squeeze_ops._C",
+            sources,
+            include_dirs=[os.path.abspath("csrc")],
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

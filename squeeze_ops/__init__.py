@@ -1,0 +1,12 @@
+"""squeeze-ops: fused kernels for layer-wise KV-cache budgets (SqueezeAttention) and the
+sequence policies it composes with (sliding window, StreamingLLM, H2O).
+
+`import squeeze_ops` loads the op library and registers every op as `torch.ops.squeeze.*`;
+`squeeze_ops.ops` holds the typed public wrappers, `squeeze_ops.reference` the plain-PyTorch
+specification of each op.
+"""
+from . import _library  # noqa: F401  (registers torch.ops.squeeze.*)
+from . import ops, reference  # noqa: F401
+from .ops import *  # noqa: F401,F403
+
+__version__ = "0.1.0"
