@@ -28,6 +28,8 @@ for _name, _fake in _meta.FAKE_KERNELS.items():
 # Ops absent here have their CUDA kernel in csrc/cuda (registered by the compiled library).
 TRITON_CUDA_KERNELS = {
     # ---- layer dimension ----
+    "add_rmsnorm_cossim": ("add_rmsnorm_cossim", "add_rmsnorm_cossim"),
+    "add_cossim": ("add_rmsnorm_cossim", "add_cossim"),
     # ---- prefill ----
     # ---- decode ----
 }

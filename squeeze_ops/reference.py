@@ -6,6 +6,128 @@ Kernels are tested against these functions; they follow the SqueezeAttention pap
 import torch
 
 # ---- layer dimension ----
+import math  # noqa: E402
+
+# Cosine of a zero vector: norms are clamped to COS_EPS (the convention of
+# torch.nn.functional.cosine_similarity), so cos(0, v) = 0.
+COS_EPS = 1e-8
+
+
+def _cosine(a, b):
+    """Per-row cosine similarity over the last dim, norms clamped to COS_EPS."""
+    return (a * b).sum(-1) / (a.norm(dim=-1).clamp_min(COS_EPS) * b.norm(dim=-1).clamp_min(COS_EPS))
+
+
+def add_cossim(residual, attn_out, cu_seqlens, cos_sum):
+    """residual <- residual + attn_out (rounded to residual's dtype); for every sequence b,
+    cos_sum[b] += sum over its tokens t of cos(old residual_t, new residual_t).
+
+    The layer-importance measurement of SqueezeAttention (paper section 3.2): the residual
+    stream entering a layer vs the same stream after the attention residual add. Returns the
+    new residual in float32 (the value the norm of add_rmsnorm_cossim reads).
+    """
+    old = residual.to(torch.float32, copy=True)
+    new = (old + attn_out.float()).to(residual.dtype)
+    residual.copy_(new)
+    new = new.float()
+    cos = _cosine(old.double(), new.double())
+    for b in range(cu_seqlens.numel() - 1):
+        start, end = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+        cos_sum[b] += cos[start:end].sum().float()
+    return new
+
+
+def add_rmsnorm_cossim(residual, attn_out, weight, cu_seqlens, cos_sum, eps):
+    """add_cossim, then the next RMSNorm of the block on the new residual:
+    out = new * rsqrt(mean(new^2) + eps) * weight, computed in float32, in residual's dtype."""
+    new = add_cossim(residual, attn_out, cu_seqlens, cos_sum)
+    rstd = torch.rsqrt(new.pow(2).mean(-1, keepdim=True) + eps)
+    return (new * rstd * weight.float()).to(residual.dtype)
+
+
+def _optimal_groups(values, counts, k):
+    """Optimal partition of the distinct sorted `values` (weights `counts`) into k contiguous
+    groups, minimising the weighted within-group sum of squares. Returns the k + 1 group
+    boundaries (indices into values). Ties: the smallest split wins."""
+    m = len(values)
+    W, S, Q = [0.0], [0.0], [0.0]
+    for v, w in zip(values, counts):
+        W.append(W[-1] + w)
+        S.append(S[-1] + w * v)
+        Q.append(Q[-1] + w * v * v)
+
+    def cost(i, j):  # sum of squares of items [i, j) around their mean
+        s = S[j] - S[i]
+        return (Q[j] - Q[i]) - s * s / (W[j] - W[i])
+
+    inf = float("inf")
+    D = [[0.0] + [inf] * m] + [[inf] * (m + 1) for _ in range(k)]
+    split = [[0] * (m + 1) for _ in range(k + 1)]
+    for c in range(1, k + 1):
+        for j in range(c, m + 1):
+            for i in range(c - 1, j):
+                v = D[c - 1][i] + cost(i, j)
+                if v < D[c][j]:
+                    D[c][j], split[c][j] = v, i
+    bounds = [m]
+    for c in range(k, 0, -1):
+        bounds.append(split[c][bounds[-1]])
+    return bounds[::-1]
+
+
+def kmeans1d(x, k):
+    """Exact optimal 1-D K-Means of every row of x (fp32 [B, N]) into k groups.
+
+    Optimal 1-D clusters are contiguous in sorted order, so a DP over the sorted distinct
+    values (weighted by multiplicity: equal values share a group) finds the global optimum.
+    Groups are numbered 0..k-1 by ascending centroid. With m < k distinct values only m groups
+    are used (labels 0..m-1) and the centroids of groups m..k-1 are NaN.
+    Returns labels int32 [B, N], centroids fp32 [B, k].
+    """
+    B, N = x.shape
+    labels = torch.empty(B, N, dtype=torch.int32)
+    centroids = torch.full((B, k), float("nan"))
+    for b in range(B):
+        values, item, counts = torch.unique(x[b].double(), return_inverse=True, return_counts=True)
+        kk = min(k, len(values))
+        bounds = _optimal_groups(values.tolist(), counts.tolist(), kk)
+        group_of_item = torch.empty(len(values), dtype=torch.int32)
+        for g in range(kk):
+            group_of_item[bounds[g]:bounds[g + 1]] = g
+            members = slice(bounds[g], bounds[g + 1])
+            centroids[b, g] = (values[members] * counts[members]).sum() / counts[members].sum()
+        labels[b] = group_of_item[item]
+    return labels, centroids
+
+
+def layer_budgets(sim, base, p, k, min_budget, max_budget):
+    """SqueezeAttention's per-layer budgets (the formula of the authors' code).
+
+    sim fp32 [B, L]: mean cosine similarity of each layer (high = the layer changed little);
+    base fp32 [B]: uniform budget per layer in tokens (b_init * BASE). Each row is clustered by
+    kmeans1d into k groups; the top group G (label k-1, the most similar layers) gets
+    floor(p * base), every other layer floor(base * (L - p|G|) / (L - |G|)), which conserves the
+    total up to the floors. If G is empty or holds every layer, all layers get floor(base).
+    Then max(min_budget, .) and, if given, min(max_budget[b], .).
+    Returns budgets int32 [B, L], labels int32 [B, L], centroids fp32 [B, k].
+    """
+    B, L = sim.shape
+    labels, centroids = kmeans1d(sim, k)
+    budgets = torch.empty(B, L, dtype=torch.int32)
+    for b in range(B):
+        in_top = labels[b] == k - 1
+        top = int(in_top.sum())
+        base_b = float(base[b])
+        if top in (0, L):
+            squeezed = other = math.floor(base_b)
+        else:
+            squeezed = math.floor(p * base_b)
+            other = math.floor(base_b * (L - p * top) / (L - top))
+        row = torch.where(in_top, squeezed, other).clamp_min(min_budget)
+        if max_budget is not None:
+            row = row.clamp_max(int(max_budget[b]))
+        budgets[b] = row
+    return budgets, labels, centroids
 
 # ---- prefill ----
 
