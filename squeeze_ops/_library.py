@@ -32,6 +32,10 @@ TRITON_CUDA_KERNELS = {
     "add_cossim": ("add_rmsnorm_cossim", "add_cossim"),
     # ---- prefill ----
     # ---- decode ----
+    "decode_attention": ("decode_attention", "decode_attention"),
+    "cache_append_": ("cache_ops", "cache_append_"),
+    "cache_evict_": ("cache_ops", "cache_evict_"),
+    "decode_step_": ("decode_step", "decode_step_"),
 }
 
 # Library.impl rather than custom_op: its per-call cost is lower on the decode hot path.

@@ -112,6 +112,113 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
 
 # ---- decode ----
 
+
+def _check_last_contiguous(t, name):
+    check(t.size(-1) <= 1 or t.stride(-1) == 1,
+          f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
+
+
+def _check_index_vector(t, B, name, ref):
+    """An int32 [B] contiguous per-sequence vector (lens, pos, budget) on the cache's device."""
+    check_rank(t, 1, name)
+    check(t.shape[0] == B, f"{name}: expected shape ({B},) (one entry per sequence), got {tuple(t.shape)}")
+    check_dtype(t, torch.int32, name)
+    check_device(t, ref, name, "k_cache")
+    check(t.is_contiguous(), f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
+
+
+def _check_kv(k_cache, v_cache, lens):
+    """k_cache, v_cache [B, Hkv, C, D] (fp16/bf16/fp32, last dim contiguous), lens int32 [B]."""
+    check_rank(k_cache, 4, "k_cache")
+    check_dtype(k_cache, FLOAT_KV, "k_cache")
+    _check_last_contiguous(k_cache, "k_cache")
+    check(v_cache.shape == k_cache.shape,
+          f"v_cache: expected shape {tuple(k_cache.shape)} (that of k_cache), got {tuple(v_cache.shape)}")
+    check_dtype(v_cache, k_cache.dtype, "v_cache")
+    check_device(v_cache, k_cache, "v_cache", "k_cache")
+    _check_last_contiguous(v_cache, "v_cache")
+    _check_index_vector(lens, k_cache.shape[0], "lens", k_cache)
+    return tuple(k_cache.shape)
+
+
+def _check_slot_tensor(t, name, dtype, k_cache):
+    """slot_pos (int32) or scores (fp32): [B, Hkv, C], last dim contiguous."""
+    B, Hkv, C, _ = k_cache.shape
+    check_rank(t, 3, name)
+    check(tuple(t.shape) == (B, Hkv, C),
+          f"{name}: expected shape {(B, Hkv, C)} (that of k_cache without D), got {tuple(t.shape)}")
+    check_dtype(t, dtype, name)
+    check_device(t, k_cache, name, "k_cache")
+    _check_last_contiguous(t, name)
+
+
+def _check_cache(k_cache, v_cache, lens, slot_pos, scores):
+    shape = _check_kv(k_cache, v_cache, lens)
+    _check_slot_tensor(slot_pos, "slot_pos", torch.int32, k_cache)
+    _check_slot_tensor(scores, "scores", torch.float32, k_cache)
+    return shape
+
+
+def _check_query(q, k_cache):
+    """q [B, H, D] in the cache dtype with H a positive multiple of Hkv."""
+    B, Hkv, _, D = k_cache.shape
+    check_rank(q, 3, "q")
+    check(q.shape[0] == B and q.shape[2] == D,
+          f"q: expected shape ({B}, H, {D}) (batch and head dim of k_cache), got {tuple(q.shape)}")
+    check(q.shape[1] > 0 and q.shape[1] % Hkv == 0,
+          f"q: the number of query heads ({q.shape[1]}) must be a positive multiple of the number of "
+          f"KV heads ({Hkv})")
+    check_dtype(q, k_cache.dtype, "q")
+    check_device(q, k_cache, "q", "k_cache")
+    _check_last_contiguous(q, "q")
+
+
+def _check_new_token(k_new, v_new, pos, k_cache):
+    """k_new, v_new [B, Hkv, D] in the cache dtype, pos int32 [B]."""
+    B, Hkv, _, D = k_cache.shape
+    for t, name in ((k_new, "k_new"), (v_new, "v_new")):
+        check_rank(t, 3, name)
+        check(tuple(t.shape) == (B, Hkv, D), f"{name}: expected shape {(B, Hkv, D)}, got {tuple(t.shape)}")
+        check_dtype(t, k_cache.dtype, name)
+        check_device(t, k_cache, name, "k_cache")
+        _check_last_contiguous(t, name)
+    _check_index_vector(pos, B, "pos", k_cache)
+
+
+def _check_policy_args(budget, policy, sinks, recent_ratio, k_cache):
+    _check_index_vector(budget, k_cache.shape[0], "budget", k_cache)
+    check_policy(policy)
+    check(sinks >= 0, f"sinks: expected a non-negative number of sink tokens, got {sinks}")
+    check(0.0 <= recent_ratio <= 1.0, f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
+
+
+def decode_attention(q, k_cache, v_cache, lens, scale, scores):
+    _check_kv(k_cache, v_cache, lens)
+    _check_query(q, k_cache)
+    if scores is not None:
+        _check_slot_tensor(scores, "scores", torch.float32, k_cache)
+    return q.new_empty(q.shape)
+
+
+def cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos):
+    _check_cache(k_cache, v_cache, lens, slot_pos, scores)
+    _check_new_token(k_new, v_new, pos, k_cache)
+
+
+def cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks, recent_ratio):
+    _check_cache(k_cache, v_cache, lens, slot_pos, scores)
+    _check_policy_args(budget, policy, sinks, recent_ratio, k_cache)
+
+
+def decode_step_(q, k_new, v_new, pos, k_cache, v_cache, lens, slot_pos, scores, budget, scale, policy,
+                 sinks, recent_ratio, accumulate_scores):
+    _check_cache(k_cache, v_cache, lens, slot_pos, scores)
+    _check_query(q, k_cache)
+    _check_new_token(k_new, v_new, pos, k_cache)
+    _check_policy_args(budget, policy, sinks, recent_ratio, k_cache)
+    return q.new_empty(q.shape)
+
+
 FAKE_KERNELS = {
     # ---- layer dimension ----
     "add_rmsnorm_cossim": add_rmsnorm_cossim,
@@ -120,4 +227,8 @@ FAKE_KERNELS = {
     "layer_budgets": layer_budgets,
     # ---- prefill ----
     # ---- decode ----
+    "decode_attention": decode_attention,
+    "cache_append_": cache_append_,
+    "cache_evict_": cache_evict_,
+    "decode_step_": decode_step_,
 }
