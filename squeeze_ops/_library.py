@@ -29,6 +29,8 @@ for _name, _fake in _meta.FAKE_KERNELS.items():
 TRITON_CUDA_KERNELS = {
     # ---- layer dimension ----
     # ---- prefill ----
+    "prefill_attention": ("prefill_attention", "prefill_attention"),
+    "compress_kv_": ("compress_kv", "compress_kv_"),
     # ---- decode ----
 }
 
