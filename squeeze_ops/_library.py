@@ -31,6 +31,8 @@ TRITON_CUDA_KERNELS = {
     "add_rmsnorm_cossim": ("add_rmsnorm_cossim", "add_rmsnorm_cossim"),
     "add_cossim": ("add_rmsnorm_cossim", "add_cossim"),
     # ---- prefill ----
+    "prefill_attention": ("prefill_attention", "prefill_attention"),
+    "compress_kv_": ("compress_kv", "compress_kv_"),
     # ---- decode ----
     "decode_attention": ("decode_attention", "decode_attention"),
     "cache_append_": ("cache_ops", "cache_append_"),
