@@ -117,8 +117,8 @@ def main():
         ref = timings.get("squeeze (CUDA graph)", timings["squeeze"])[0]
         for name, (med, p20, p80) in timings.items():
             rows.append({"B": B, "L": L, "provider": name, "time_us": med, "p20_us": p20, "p80_us": p80,
-                         "bytes": nbytes, "GB/s": nbytes / med / 1e3, "% copy bw": 100 * nbytes / (med * 1e-6) / bw,
-                         "slower than squeeze": med / ref})
+                         "bytes": nbytes, "GB/s": nbytes / med / 1e3,
+                         "% copy bw": 100 * nbytes / (med * 1e-6) / bw, "slower than squeeze": med / ref})
     columns = ["B", "L", "provider", "time_us", "p20_us", "p80_us", "bytes", "GB/s", "% copy bw",
                "slower than squeeze"]
     note = (f"k = {K}, p = {P}. Copy bandwidth of this run: {bw / 1e9:.0f} GB/s. Latency-bound: the bandwidth "

@@ -115,8 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_budgets_cpu(const at::Tenso
     for (int64_t b = b0; b < b1; ++b) {
       const int top = cluster_row(sp + b * ss, L, k, lp + b * L, cp + b * k, ws);
       const int32_t cap = maxp ? maxp[b] : 0;
-      for (int64_t l = 0; l < L; ++l)
-        bp[b * L + l] = layer_budget(basep[b], p, L, top, lp[b * L + l] == k - 1, min_budget, maxp != nullptr, cap);
+      for (int64_t l = 0; l < L; ++l) {
+        const bool in_top = lp[b * L + l] == k - 1;
+        bp[b * L + l] = layer_budget(basep[b], p, L, top, in_top, min_budget, maxp != nullptr, cap);
+      }
     }
   });
   return {budgets, labels, centroids};

@@ -161,7 +161,8 @@ void launch(const at::Tensor& x, int64_t k, const at::Tensor& labels, const at::
   kmeans1d_kernel<<<static_cast<unsigned>(B), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<float>(), x.stride(0), n, static_cast<int>(k), labels.data_ptr<int32_t>(),
       centroids.data_ptr<float>(), budgets ? budgets->data_ptr<int32_t>() : nullptr,
-      base ? base->data_ptr<float>() : nullptr, p, min_budget, max_budget ? max_budget->data_ptr<int32_t>() : nullptr);
+      base ? base->data_ptr<float>() : nullptr, p, min_budget,
+      max_budget ? max_budget->data_ptr<int32_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
