@@ -75,6 +75,7 @@ def test_traces_without_graph_breaks():
     (dict(b_init=-0.1), "b_init"),
     (dict(b_init=0.2, prompt_lens=torch.tensor([5.0, 6.0])), "prompt_lens"),
     (dict(b_init=0.2, prompt_lens=torch.tensor([5, 6, 7])), "prompt_lens"),
+    (dict(b_init=0.2, prompt_lens=torch.tensor([5, 6], device="meta")), "prompt_lens"),
     (dict(b_init=0.2, cos_sum=torch.zeros(4, 2).double()), "cos_sum"),
     (dict(b_init=0.2, cos_sum=torch.zeros(4)), "cos_sum"),
     (dict(b_init=0.2, p=0.0), "p"),
