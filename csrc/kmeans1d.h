@@ -12,7 +12,7 @@
 //     D[c][j] = min_{c-1 <= i < j} D[c-1][i] + cost(i, j); optimal 1-D clusters are
 //     contiguous in sorted order, so this is the global optimum (O(k m^2)).
 //     Ties in cost: the smallest split i wins (the last group is made as large as possible,
-//     recursively), so the answer is deterministic.
+//     recursively), so the answer is deterministic, however the scan is parallelised.
 //  4. kk = min(k, m) groups are used (every optimum with m >= k items uses all k groups);
 //     labels 0..kk-1 by ascending centroid, groups kk..k-1 are empty with NaN centroids.
 // Every operation below is done in the same order on host and device (nvcc --fmad=false, and no
@@ -62,29 +62,32 @@ struct Prefix {
   int32_t* count;  // W: number of values
   double* sum;     // S: sum of w * (u - shift)
   double* sumsq;   // Q: sum of w * (u - shift)^2
-  double* inv;     // inv[w] = 1 / w for w in [1, n]: a multiply instead of a division per cost
+  double* inv;     // inv[w] = 1 / w for w in [1, n] (inv[0] = 0): a multiply instead of a division
 };
 
 // From the n keys in ascending order: the prefix sums of the distinct values, the item index of
 // every sorted position (item[r]), and the shift. Returns m, the number of distinct values.
+// Running sums stay in registers (one serial pass; on the GPU one thread runs it).
 SQZ_HD int build_prefix(const uint32_t* sorted, int n, Prefix P, int16_t* item, double* shift) {
   const double base = static_cast<double>(key_value(sorted[0]));
+  int32_t count = 0;
+  double sum = 0.0, sumsq = 0.0;
+  int m = 0;
   P.count[0] = 0;
   P.sum[0] = 0.0;
   P.sumsq[0] = 0.0;
-  int m = 0;
   for (int r = 0; r < n; ++r) {
-    if (r == 0 || sorted[r] != sorted[r - 1]) {
-      ++m;
-      P.count[m] = P.count[m - 1];
-      P.sum[m] = P.sum[m - 1];
-      P.sumsq[m] = P.sumsq[m - 1];
-    }
     const double v = static_cast<double>(key_value(sorted[r])) - base;
-    P.count[m] += 1;
-    P.sum[m] += v;
-    P.sumsq[m] += v * v;
-    item[r] = static_cast<int16_t>(m - 1);
+    count += 1;
+    sum += v;
+    sumsq += v * v;
+    item[r] = static_cast<int16_t>(m);
+    if (r + 1 == n || sorted[r + 1] != sorted[r]) {
+      ++m;
+      P.count[m] = count;
+      P.sum[m] = sum;
+      P.sumsq[m] = sumsq;
+    }
   }
   *shift = base;
   return m;
@@ -101,22 +104,21 @@ SQZ_HD double cluster_cost(const Prefix& P, int i, int j) {
 SQZ_HD int dp_first(int c) { return c; }
 SQZ_HD int dp_last(int c, int kk, int m) { return m - (kk - c); }
 
-// One DP cell, c >= 2: D[c][j] from row prev = D[c-1][.]; writes the cost and the split.
-// Scanning i upwards with a strict < keeps the smallest split on ties (and a valid split even
-// if costs are NaN, so backtracking never leaves the table).
-SQZ_HD void dp_cell(const Prefix& P, const double* prev, int c, int j, double* cost_out,
-                    int16_t* split_out) {
-  int best_i = c - 1;
-  double best = prev[best_i] + cluster_cost(P, best_i, j);
-  for (int i = c; i < j; ++i) {
+// Order of the DP's candidates (cost, split): lower cost first, then the smaller split. Every
+// cell's answer is the least candidate in this order, whichever way the scan is divided.
+SQZ_HD bool better(double v, int i, double best, int best_i) { return v < best || (v == best && i < best_i); }
+
+// Scans the splits i = first, first + step, ... < j of cell (c, j), c >= 2, with row
+// prev = D[c-1][.], into (best, best_i). Start from (INFINITY, j): the CPU scans every split
+// (first = c - 1, step = 1), each GPU lane a stride of them before the lanes merge.
+SQZ_HD void dp_scan(const Prefix& P, const double* prev, int first, int step, int j, double* best, int* best_i) {
+  for (int i = first; i < j; i += step) {
     const double v = prev[i] + cluster_cost(P, i, j);
-    if (v < best) {
-      best = v;
-      best_i = i;
+    if (better(v, i, *best, *best_i)) {
+      *best = v;
+      *best_i = i;
     }
   }
-  *cost_out = best;
-  *split_out = static_cast<int16_t>(best_i);
 }
 
 // Group boundaries in items: group c holds items [bounds[c], bounds[c+1]). split holds the rows

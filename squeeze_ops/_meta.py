@@ -53,7 +53,8 @@ def _check_epilogue(residual, attn_out, cu_seqlens, cos_sum):
     check_device(attn_out, residual, "attn_out", "residual")
     check_dtype(cu_seqlens, torch.int32, "cu_seqlens")
     check_rank(cu_seqlens, 1, "cu_seqlens")
-    check(cu_seqlens.shape[0] >= 1, f"cu_seqlens: expected B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+    check(cu_seqlens.shape[0] >= 1,
+          f"cu_seqlens: expected B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     check_device(cu_seqlens, residual, "cu_seqlens", "residual")
     check_dtype(cos_sum, torch.float32, "cos_sum")
     check_rank(cos_sum, 1, "cos_sum")

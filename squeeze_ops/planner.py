@@ -58,8 +58,8 @@ def plan_budgets(
     _meta.check(not prompt_lens.is_floating_point() and not prompt_lens.is_complex()
                 and prompt_lens.dtype != torch.bool,
                 f"prompt_lens: expected an integer dtype, got {prompt_lens.dtype}")
-    _meta.check(prompt_lens.shape == (B,),
-                f"prompt_lens: expected shape ({B},) (sequences of cos_sum [L, B]), got {tuple(prompt_lens.shape)}")
+    _meta.check(prompt_lens.shape == (B,), f"prompt_lens: expected shape ({B},) (sequences of "
+                f"cos_sum [L, B]), got {tuple(prompt_lens.shape)}")
     _meta.check_device(prompt_lens, cos_sum, "prompt_lens", "cos_sum")
     _meta.check((b_init is None) != (base_tokens is None), "b_init, base_tokens: pass exactly one of them")
 

@@ -29,15 +29,18 @@ def tolerances(dtype):
             torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}[dtype]
 
 
-def run_both(fn_ref, fn, residual, attn_out, weight, cu, cos_sum, norm=True):
-    """Runs the reference and fn on clones; returns (expected, got) triples (residual, cos_sum, out)."""
+def run_both(fn, residual, attn_out, weight, cu, cos_sum, norm=True):
+    """Runs the reference (on CPU copies) and fn on clones of the mutated inputs.
+    Returns (expected, got), each (residual, cos_sum, out); out is None without the norm."""
     results = []
-    for f in (fn_ref, fn):
-        res, cs = residual.clone(), cos_sum.clone()
-        args = (res, attn_out, weight, cu, cs, EPS) if norm else (res, attn_out, cu, cs)
-        out = f(*args)
+    for f, device in ((reference.add_rmsnorm_cossim if norm else reference.add_cossim, "cpu"),
+                      (fn, residual.device)):
+        res, cs = residual.clone().to(device), cos_sum.clone().to(device)
+        w, c, a = weight.to(device), cu.to(device), attn_out.to(device)
+        out = f(res, a, w, c, cs, EPS) if norm else f(res, a, c, cs)
         results.append((res, cs, out))
-    return results
+    (res_e, cs_e, out_e), got = results
+    return (res_e, cs_e, out_e if norm else None), got
 
 
 def assert_matches(expected, got, dtype, norm=True):
@@ -56,11 +59,8 @@ def assert_matches(expected, got, dtype, norm=True):
 @pytest.mark.parametrize("lens", LENS)
 def test_cpu_kernel_matches_reference(lens, d, dtype):
     args = make_inputs(lens, d, dtype)
-    expected, got = run_both(reference.add_rmsnorm_cossim, torch.ops.squeeze.add_rmsnorm_cossim, *args)
-    assert_matches(expected, got, dtype)
-    expected, got = run_both(reference.add_cossim, torch.ops.squeeze.add_cossim, *args, norm=False)
-    expected = (expected[0], expected[1], None)
-    assert_matches(expected, got, dtype, norm=False)
+    assert_matches(*run_both(torch.ops.squeeze.add_rmsnorm_cossim, *args), dtype)
+    assert_matches(*run_both(torch.ops.squeeze.add_cossim, *args, norm=False), dtype, norm=False)
 
 
 # bf16 is unreliable in the Triton interpreter: covered by the CUDA tests.
@@ -69,11 +69,8 @@ def test_cpu_kernel_matches_reference(lens, d, dtype):
 @pytest.mark.parametrize("lens", LENS)
 def test_triton_kernel_matches_reference(lens, d, dtype):
     args = make_inputs(lens, d, dtype, TRITON_DEVICE)
-    expected, got = run_both(reference.add_rmsnorm_cossim, triton_epilogue.add_rmsnorm_cossim, *args)
-    assert_matches(expected, got, dtype)
-    expected, got = run_both(reference.add_cossim, triton_epilogue.add_cossim, *args, norm=False)
-    expected = (expected[0], expected[1], None)
-    assert_matches(expected, got, dtype, norm=False)
+    assert_matches(*run_both(triton_epilogue.add_rmsnorm_cossim, *args), dtype)
+    assert_matches(*run_both(triton_epilogue.add_cossim, *args, norm=False), dtype, norm=False)
 
 
 def test_triton_switches_off_similarity():
@@ -185,9 +182,8 @@ def test_negative_eps_raises(impl):
 @pytest.mark.parametrize("lens,d", [([7], 37), ([0, 1, 13, 29], 2100), ([1000, 3, 517], 4096), ([64] * 33, 128)])
 def test_cuda_matches_reference(lens, d, dtype):
     args = make_inputs(lens, d, dtype, "cuda")
-    ref = lambda *a: reference.add_rmsnorm_cossim(*[t.cpu() for t in a[:5]], a[5])  # noqa: E731
-    expected, got = run_both(ref, torch.ops.squeeze.add_rmsnorm_cossim, *args)
-    assert_matches(expected, got, dtype)
+    assert_matches(*run_both(torch.ops.squeeze.add_rmsnorm_cossim, *args), dtype)
+    assert_matches(*run_both(torch.ops.squeeze.add_cossim, *args, norm=False), dtype, norm=False)
 
 
 @pytest.mark.cuda

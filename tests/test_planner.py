@@ -50,8 +50,9 @@ def test_base_tokens_equivalent_to_b_init():
     assert torch.equal(via_b_init.budgets, via_tensor.budgets)
     fixed = plan_budgets(cos_sum, lens, base_tokens=1680, p=0.3, max_budget=1000)
     assert fixed.budgets.max() <= 1000
-    assert torch.equal(fixed.budgets, plan_budgets(cos_sum, lens, base_tokens=torch.tensor([1680.0] * 2), p=0.3,
-                                                   max_budget=torch.tensor([1000, 1000], dtype=torch.int32)).budgets)
+    as_tensors = plan_budgets(cos_sum, lens, base_tokens=torch.tensor([1680.0] * 2), p=0.3,
+                              max_budget=torch.tensor([1000, 1000], dtype=torch.int32))
+    assert torch.equal(fixed.budgets, as_tensors.budgets)
 
 
 def test_empty_prompt_gives_zero_similarity():
@@ -74,6 +75,7 @@ def test_traces_without_graph_breaks():
     (dict(b_init=-0.1), "b_init"),
     (dict(b_init=0.2, prompt_lens=torch.tensor([5.0, 6.0])), "prompt_lens"),
     (dict(b_init=0.2, prompt_lens=torch.tensor([5, 6, 7])), "prompt_lens"),
+    (dict(b_init=0.2, prompt_lens=torch.tensor([5, 6], device="meta")), "prompt_lens"),
     (dict(b_init=0.2, cos_sum=torch.zeros(4, 2).double()), "cos_sum"),
     (dict(b_init=0.2, cos_sum=torch.zeros(4)), "cos_sum"),
     (dict(b_init=0.2, p=0.0), "p"),

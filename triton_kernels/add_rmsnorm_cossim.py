@@ -91,7 +91,8 @@ def _check_cu_seqlens(cu_seqlens, T):
     cu = cu_seqlens.cpu()
     _meta.check(int(cu[0]) == 0, f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
     _meta.check(bool((cu[1:] >= cu[:-1]).all()), "cu_seqlens: expected non-decreasing offsets")
-    _meta.check(int(cu[-1]) == T, f"cu_seqlens: expected cu_seqlens[-1] == {T} (tokens of residual), got {int(cu[-1])}")
+    _meta.check(int(cu[-1]) == T,
+                f"cu_seqlens: expected cu_seqlens[-1] == {T} (tokens of residual), got {int(cu[-1])}")
 
 
 def launch(residual, attn_out, weight, cu_seqlens, cos_sum, eps, out, *, cossim=True):

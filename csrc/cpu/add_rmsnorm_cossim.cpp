@@ -95,7 +95,8 @@ void epilogue(const at::Tensor& residual, const at::Tensor& attn_out, const floa
         soo += oo[l];
         snn += nn[l];
       }
-      cos_tok[t] = static_cast<float>(sdot / (std::max(std::sqrt(soo), kCosEps) * std::max(std::sqrt(snn), kCosEps)));
+      const double norms = std::max(std::sqrt(soo), kCosEps) * std::max(std::sqrt(snn), kCosEps);
+      cos_tok[t] = static_cast<float>(sdot / norms);
       if (o) {
         const float rstd = static_cast<float>(1.0 / std::sqrt(snn / static_cast<double>(d) + eps));
         scalar_t* orow = o + t * d;

@@ -1,5 +1,5 @@
-// CPU kernels of kmeans1d and layer_budgets: one row (sequence) per task of at::parallel_for,
-// the arithmetic of csrc/kmeans1d.h run serially.
+// CPU kernels of kmeans1d and layer_budgets: rows (sequences) in parallel with at::parallel_for,
+// the arithmetic of csrc/kmeans1d.h run serially within a row.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,9 +34,13 @@ struct Workspace {
   Workspace(int n, int k)
       : keys(n), sorted(n), count(n + 1), sum(n + 1), sumsq(n + 1), inv(n + 1), prev(n + 1),
         cur(n + 1), item(n), split(static_cast<size_t>(std::max(k - 1, 1)) * (n + 1)), bounds(k + 1) {
+    inv[0] = 0.0;
     for (int w = 1; w <= n; ++w) inv[w] = 1.0 / static_cast<double>(w);
   }
 };
+
+// Rows per parallel task: enough DP work (~k n^2 cost evaluations a row) to pay for a thread.
+int64_t grain(int64_t n, int64_t k) { return std::max<int64_t>(1, 32768 / (k * n * n)); }
 
 // Clusters x[0..n) into k groups: labels[0..n), centroids[0..k). Returns the number of values in
 // the top group (label k - 1; 0 when fewer than k distinct values leave it empty).
@@ -53,8 +57,13 @@ int cluster_row(const float* x, int n, int k, int32_t* labels, float* centroids,
 
   for (int j = dp_first(1); j <= dp_last(1, kk, m); ++j) ws.prev[j] = cluster_cost(P, 0, j);
   for (int c = 2; c <= kk; ++c) {
-    for (int j = dp_first(c); j <= dp_last(c, kk, m); ++j)
-      dp_cell(P, ws.prev.data(), c, j, &ws.cur[j], &ws.split[(c - 2) * stride + j]);
+    for (int j = dp_first(c); j <= dp_last(c, kk, m); ++j) {
+      double best = INFINITY;
+      int best_i = j;
+      dp_scan(P, ws.prev.data(), c - 1, 1, j, &best, &best_i);
+      ws.cur[j] = best;
+      ws.split[(c - 2) * stride + j] = static_cast<int16_t>(best_i);
+    }
     std::swap(ws.prev, ws.cur);
   }
   backtrack(ws.split.data(), stride, kk, m, ws.bounds.data());
@@ -77,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans1d_cpu(const at::Tensor& x, int64_t k) 
   int32_t* lp = labels.data_ptr<int32_t>();
   float* cp = centroids.data_ptr<float>();
   const int64_t xs = x.stride(0);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain(n, k), [&](int64_t b0, int64_t b1) {
     Workspace ws(n, k);
     for (int64_t b = b0; b < b1; ++b) cluster_row(xp + b * xs, n, k, lp + b * n, cp + b * k, ws);
   });
@@ -101,13 +110,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_budgets_cpu(const at::Tenso
   int32_t* lp = labels.data_ptr<int32_t>();
   float* cp = centroids.data_ptr<float>();
   const int64_t ss = sim.stride(0);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain(L, k), [&](int64_t b0, int64_t b1) {
     Workspace ws(L, k);
     for (int64_t b = b0; b < b1; ++b) {
       const int top = cluster_row(sp + b * ss, L, k, lp + b * L, cp + b * k, ws);
       const int32_t cap = maxp ? maxp[b] : 0;
-      for (int64_t l = 0; l < L; ++l)
-        bp[b * L + l] = layer_budget(basep[b], p, L, top, lp[b * L + l] == k - 1, min_budget, maxp != nullptr, cap);
+      for (int64_t l = 0; l < L; ++l) {
+        const bool in_top = lp[b * L + l] == k - 1;
+        bp[b * L + l] = layer_budget(basep[b], p, L, top, in_top, min_budget, maxp != nullptr, cap);
+      }
     }
   });
   return {budgets, labels, centroids};

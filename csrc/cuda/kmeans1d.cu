@@ -3,7 +3,7 @@
 // kernels bit for bit). layer_budgets clusters and applies the budget formula in the same
 // launch. Nothing is read back to the host: the launch is capturable in a CUDA graph.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -43,11 +43,43 @@ struct Layout {
   }
 };
 
+constexpr int kThreads = 256;
+
+// One DP level: cells j in [lo, hi] of D[c][.] from prev = D[c-1][.]. Each cell gets `width`
+// consecutive lanes (as many as the block has to spare, at most a warp) that scan interleaved
+// splits and merge with shuffles; the order `better` makes the result the CPU's sequential one.
+// The last level has a single cell, so a whole warp shares its scan.
+__device__ void dp_level(const Prefix& P, const double* prev, double* cur, int16_t* split_row, int c, int lo,
+                         int hi) {
+  const int cells = hi - lo + 1;
+  int width = 32;
+  while (width > 1 && width * cells > kThreads) width >>= 1;
+  const int tid = threadIdx.x, lane = tid & (width - 1);
+  const unsigned mask = width == 32 ? 0xffffffffu : ((1u << width) - 1) << ((tid & 31) & ~(width - 1));
+  for (int j = lo + tid / width; j <= hi; j += kThreads / width) {
+    double best = INFINITY;
+    int best_i = j;
+    dp_scan(P, prev, c - 1 + lane, width, j, &best, &best_i);
+    for (int offset = width / 2; offset > 0; offset >>= 1) {
+      const double other = __shfl_xor_sync(mask, best, offset, width);
+      const int other_i = __shfl_xor_sync(mask, best_i, offset, width);
+      if (better(other, other_i, best, best_i)) {
+        best = other;
+        best_i = other_i;
+      }
+    }
+    if (lane == 0) {
+      cur[j] = best;
+      split_row[j] = static_cast<int16_t>(best_i);
+    }
+  }
+}
+
 // budgets == nullptr: kmeans1d. Otherwise layer_budgets with base [B], optional max_budget [B].
-__global__ void kmeans1d_kernel(const float* __restrict__ x, int64_t x_stride, int n, int k,
-                                int32_t* __restrict__ labels, float* __restrict__ centroids,
-                                int32_t* __restrict__ budgets, const float* __restrict__ base, double p,
-                                int64_t min_budget, const int32_t* __restrict__ max_budget) {
+__global__ void __launch_bounds__(kThreads)
+    kmeans1d_kernel(const float* __restrict__ x, int64_t x_stride, int n, int k, int32_t* __restrict__ labels,
+                    float* __restrict__ centroids, int32_t* __restrict__ budgets, const float* __restrict__ base,
+                    double p, int64_t min_budget, const int32_t* __restrict__ max_budget) {
   extern __shared__ __align__(16) unsigned char smem[];
   const Layout lay(n, k);
   double* inv = reinterpret_cast<double*>(smem + lay.inv);
@@ -64,10 +96,10 @@ __global__ void kmeans1d_kernel(const float* __restrict__ x, int64_t x_stride, i
   __shared__ double s_shift;
 
   const int64_t b = blockIdx.x;
-  const int tid = threadIdx.x, nt = blockDim.x;
+  const int tid = threadIdx.x, nt = kThreads;
   const float* xb = x + b * x_stride;
   for (int i = tid; i < n; i += nt) keys[i] = sort_key(xb[i]);
-  for (int w = tid + 1; w <= n; w += nt) inv[w] = 1.0 / static_cast<double>(w);
+  for (int w = tid; w <= n; w += nt) inv[w] = w == 0 ? 0.0 : 1.0 / static_cast<double>(w);
   __syncthreads();
 
   // Counting sort: the position of value i is the number of values before it in (key, index)
@@ -86,8 +118,7 @@ __global__ void kmeans1d_kernel(const float* __restrict__ x, int64_t x_stride, i
   for (int j = dp_first(1) + tid; j <= dp_last(1, kk, m); j += nt) prev[j] = cluster_cost(P, 0, j);
   __syncthreads();
   for (int c = 2; c <= kk; ++c) {
-    for (int j = dp_first(c) + tid; j <= dp_last(c, kk, m); j += nt)
-      dp_cell(P, prev, c, j, &cur[j], &split[(c - 2) * stride + j]);
+    dp_level(P, prev, cur, split + (c - 2) * stride, c, dp_first(c), dp_last(c, kk, m));
     __syncthreads();
     double* t = prev;
     prev = cur;
@@ -127,11 +158,11 @@ void launch(const at::Tensor& x, int64_t k, const at::Tensor& labels, const at::
     C10_CUDA_CHECK(cudaFuncSetAttribute(kmeans1d_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }
-  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (n + 31) / 32 * 32)));
-  kmeans1d_kernel<<<static_cast<unsigned>(B), threads, smem, at::cuda::getCurrentCUDAStream()>>>(
+  kmeans1d_kernel<<<static_cast<unsigned>(B), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
       x.data_ptr<float>(), x.stride(0), n, static_cast<int>(k), labels.data_ptr<int32_t>(),
       centroids.data_ptr<float>(), budgets ? budgets->data_ptr<int32_t>() : nullptr,
-      base ? base->data_ptr<float>() : nullptr, p, min_budget, max_budget ? max_budget->data_ptr<int32_t>() : nullptr);
+      base ? base->data_ptr<float>() : nullptr, p, min_budget,
+      max_budget ? max_budget->data_ptr<int32_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
