@@ -14,9 +14,18 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 mode = os.environ.get("SQUEEZE_BUILD", "auto")
 if mode not in ("auto", "cpu", "cuda"):
     raise SystemExit(f"SQUEEZE_BUILD must be auto, cpu or cuda, got {mode!r}")
-cuda_possible = CUDA_HOME is not None and torch.version.cuda is not None
+# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (as in /usr/local/bin)
+# makes that guess wrong, so a usable toolkit is one whose headers are really there.
+cuda_possible = (
+    torch.version.cuda is not None
+    and CUDA_HOME is not None
+    and os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
+)
 if mode == "cuda" and not cuda_possible:
-    raise SystemExit("SQUEEZE_BUILD=cuda needs nvcc (CUDA_HOME) and a CUDA build of torch")
+    raise SystemExit(
+        f"SQUEEZE_BUILD=cuda needs a CUDA toolkit (CUDA_HOME={CUDA_HOME}) and a CUDA build of torch"
+        f" (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    )
 with_cuda = mode == "cuda" or (mode == "auto" and cuda_possible)
 
 sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
@@ -26,6 +35,7 @@ if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # No --use_fast_math: kmeans1d must give bit-identical partitions on CPU and GPU.
     extra["nvcc"] = ["-O3", "--fmad=false", "-lineinfo"]
+print(f"squeeze_ops: building the {'CPU + CUDA' if with_cuda else 'CPU-only'} op library")
 Extension = CUDAExtension if with_cuda else CppExtension
 
 setup(

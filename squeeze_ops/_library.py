@@ -28,8 +28,16 @@ for _name, _fake in _meta.FAKE_KERNELS.items():
 # Ops absent here have their CUDA kernel in csrc/cuda (registered by the compiled library).
 TRITON_CUDA_KERNELS = {
     # ---- layer dimension ----
+    "add_rmsnorm_cossim": ("add_rmsnorm_cossim", "add_rmsnorm_cossim"),
+    "add_cossim": ("add_rmsnorm_cossim", "add_cossim"),
     # ---- prefill ----
+    "prefill_attention": ("prefill_attention", "prefill_attention"),
+    "compress_kv_": ("compress_kv", "compress_kv_"),
     # ---- decode ----
+    "decode_attention": ("decode_attention", "decode_attention"),
+    "cache_append_": ("cache_ops", "cache_append_"),
+    "cache_evict_": ("cache_ops", "cache_evict_"),
+    "decode_step_": ("decode_step", "decode_step_"),
 }
 
 # Library.impl rather than custom_op: its per-call cost is lower on the decode hot path.
