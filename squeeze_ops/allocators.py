@@ -30,7 +30,7 @@ torch.compile(fullgraph=True) region.
 """
 import json
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 import torch
@@ -79,6 +79,20 @@ class Request(NamedTuple):
         if high is not None:
             hi = torch.minimum(hi, high.floor())
         return lo, torch.maximum(hi, lo)
+
+
+def _on_device(values, dtype, device):
+    """A constant table (nested tuples) as a tensor on `device`: a graph constant when traced,
+    else uploaded once per device so that later plans read nothing from the host (a capturable
+    region must then be warmed up first). Shared: never modified."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _uploaded(values, dtype, device)
+
+
+@lru_cache(maxsize=256)
+def _uploaded(values, dtype, device):
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _groups(similarity, k):
@@ -264,7 +278,7 @@ class Fixed:
     def allocate(self, request):
         if len(self.budgets) != request.num_layers:
             raise ValueError(f"budgets: expected {request.num_layers} layer budgets, got {len(self.budgets)}")
-        row = torch.tensor(self.budgets, dtype=torch.int32, device=request.similarity.device)
+        row = _on_device(tuple(self.budgets), torch.int32, request.similarity.device)
         labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
         return row.clamp_min(request.min_budget).expand(request.similarity.shape).contiguous(), labels, centroids
 
@@ -343,16 +357,16 @@ class Calibrated:
 
     @cached_property
     def _curves(self):
-        """(knots [m + 1] fractions ending at 1, gains [L][m] loss removed per unit fraction
-        on each segment, non-increasing along the segments): host data, computed once."""
+        """(knots (m + 1 fractions ending at 1), gains (L x m: loss removed per unit fraction on
+        each segment, non-increasing along the segments)) as tuples: host data, computed once."""
         knots = list(self.profile.budgets) + [1.0]
         gains = []
         for layer in range(self.profile.num_layers):
             loss = [max(row[layer], 0.0) for row in self.profile.values] + [0.0]
             for j in range(len(loss) - 2, -1, -1):  # non-increasing in the budget
                 loss[j] = max(loss[j], loss[j + 1])
-            gains.append(_convex_slopes(knots, loss))
-        return knots, gains
+            gains.append(tuple(_convex_slopes(knots, loss)))
+        return tuple(knots), tuple(gains)
 
     def allocate(self, request):
         B, L = request.similarity.shape
@@ -360,8 +374,8 @@ class Calibrated:
             raise ValueError(f"profile: measured on {self.profile.num_layers} layers, the model has {L}")
         device = request.similarity.device
         knots, gains = self._curves
-        knots = torch.tensor(knots, dtype=torch.float64, device=device)
-        gains = torch.tensor(gains, dtype=torch.float64, device=device).expand(B, L, -1)
+        knots = _on_device(knots, torch.float64, device)
+        gains = _on_device(gains, torch.float64, device).expand(B, L, -1)
         prompt = request.prompt_lens.double()[:, None]
         lo, hi = request.bounds(low=torch.maximum(knots[0] * prompt, self.floor * request.base.double()[:, None]))
         # Segment j of layer l covers [knots[j] * T, knots[j + 1] * T], cut below at lo.

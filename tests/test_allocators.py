@@ -119,7 +119,7 @@ def test_water_fill_matches_bisection():
     x = water_fill(w, total, lo, hi)
     torch.testing.assert_close(x.sum(1, keepdim=True), total)
     a, b = torch.zeros_like(total), torch.full_like(total, 1e9)
-    for _ in range(200):
+    for _ in range(100):
         mid = (a + b) / 2
         low = (mid * w).clamp(lo, hi).sum(1, keepdim=True) < total
         a, b = torch.where(low, mid, a), torch.where(low, b, mid)
@@ -183,7 +183,7 @@ def test_calibrated_follows_the_profile():
     assert budgets[5] == budgets.max() and budgets[5] >= 0.4 * 400
 
 
-@pytest.mark.parametrize("allocator", REDISTRIBUTING + [Squeeze(0.4)], ids=lambda a: a.describe())
+@pytest.mark.parametrize("allocator", REDISTRIBUTING[::2] + [Pyramid(3.0), Squeeze(0.4)], ids=lambda a: a.describe())
 def test_allocation_traces_without_host_sync(allocator):
     """fullgraph=True fails on any graph break, e.g. a .item() or .tolist() of a tensor."""
     lens = torch.tensor([100, 37, 250], dtype=torch.int32)
