@@ -277,10 +277,13 @@ inline void evict_head(const HeadSlots<scalar_t>& s, int64_t n, int64_t keep, Po
   }
 }
 
-// Runs fn(b, h) for every (sequence, KV head) in parallel.
+// Runs fn(b, h) for every (sequence, KV head), in parallel once there is enough work: a decode
+// step of a small model is microseconds of work per layer, less than waking the thread pool.
+// `cost` estimates the elements one pair touches.
 template <typename Fn>
-inline void for_each_head(int64_t B, int64_t Hkv, const Fn& fn) {
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+inline void for_each_head(int64_t B, int64_t Hkv, int64_t cost, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cost, 1));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(i / Hkv, i % Hkv);
   });
 }
