@@ -1,8 +1,19 @@
 """Layer caches for the decode tests: random, valid per the README's conventions, with slots in
 random order and the unused slots poisoned so that any read or write past lens shows."""
+import pytest
 import torch
 
 from squeeze_ops import _meta
+
+
+@pytest.fixture(autouse=True)
+def one_intra_op_thread():
+    """These cases are tiny and CI's cores are few and shared: intra-op threads would only add
+    contention (test_cpu_kernel_runs_in_parallel covers the parallel path)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_cache(B, Hkv, C, D, lens, dtype=torch.float32, device="cpu", position_gap=1):
@@ -60,8 +71,6 @@ def scores_by_position(lens, slot_pos, scores):
 
 def expect_error(fn, tensors, match):
     """fn() raises a clear error whose message contains `match`, and leaves `tensors` untouched."""
-    import pytest
-
     before = clone_all(tensors)
     with pytest.raises((ValueError, RuntimeError), match=match):
         fn()

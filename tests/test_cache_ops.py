@@ -3,6 +3,7 @@ present) and fake kernels against squeeze_ops.reference; the eviction rule pinne
 import pytest
 import torch
 from decode_cases import POLICIES, assert_same_cache, clone_all, expect_error, kept_positions, random_cache
+from decode_cases import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
@@ -122,9 +123,9 @@ def test_evict_matches_reference(policy, sinks, recent_ratio, dtype):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_evict_triton_matches_reference(policy):
-    C = 300  # the victim search scans two blocks
+    C = 1100  # the victim search scans two blocks
     cache = random_cache(2, 2, C, 64, [C, 7], device=TRITON_DEVICE)
-    budget = torch.tensor([296, 3], **I32, device=TRITON_DEVICE)
+    budget = torch.tensor([C - 4, 3], **I32, device=TRITON_DEVICE)
     got, want = clone_all(cache), clone_all(cache)
     tk.cache_evict_(*got, budget, policy, 4, 0.5)
     reference.cache_evict_(*want, budget, policy, 4, 0.5)

@@ -3,6 +3,7 @@ kernel against squeeze_ops.reference.decode_attention."""
 import pytest
 import torch
 from decode_cases import expect_error, random_cache
+from decode_cases import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
@@ -39,6 +40,17 @@ def test_cpu_kernel_matches_reference(H, Hkv, D, dtype):
     q, cache = make_case(5, H, Hkv, C, D, [0, 1, C, 40, 13], dtype)
     for with_scores in (False, True):
         check_against_reference(torch.ops.squeeze.decode_attention, q, cache, 0.3, with_scores, dtype)
+
+
+def test_cpu_kernel_runs_in_parallel():
+    """Enough work per (sequence, head) for the thread pool: the result equals the serial one."""
+    q, cache = make_case(8, 8, 4, 600, 64, [600, 1, 0, 599, 300, 17, 450, 64])
+    k, v, lens, _, scores = cache
+    serial_scores, parallel_scores = scores.clone(), scores.clone()
+    serial = torch.ops.squeeze.decode_attention(q, k, v, lens, 0.1, serial_scores)
+    torch.set_num_threads(2)
+    parallel = torch.ops.squeeze.decode_attention(q, k, v, lens, 0.1, parallel_scores)
+    assert torch.equal(serial, parallel) and torch.equal(serial_scores, parallel_scores)
 
 
 def test_cpu_batch_one_and_wrapper_defaults():

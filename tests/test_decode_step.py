@@ -4,6 +4,7 @@ import pytest
 import torch
 from decode_cases import (POLICIES, assert_same_cache, clone_all, expect_error, kept_positions, random_cache,
                           scores_by_position)
+from decode_cases import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
@@ -45,7 +46,7 @@ def simulate(run, B, H, Hkv, C, D, lens, budget, policy, sinks, recent_ratio, st
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("H,Hkv,D", [(2, 2, 64), (6, 2, 128), (8, 2, 64), (16, 2, 64)])
+@pytest.mark.parametrize("H,Hkv,D", [(6, 2, 128), (16, 2, 64)])
 def test_many_steps_keep_the_reference_set(policy, H, Hkv, D):
     C = 27
     final = simulate(torch.ops.squeeze.decode_step_, 4, H, Hkv, C, D, lens=[0, 3, 20, 26], budget=[0, 5, 12, 26],

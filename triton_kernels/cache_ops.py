@@ -22,7 +22,6 @@ WINDOW, STREAMING, H2O = 0, 1, 2
 POLICY_CODES = {"window": WINDOW, "streaming": STREAMING, "h2o": H2O}
 
 INT32_MAX = 2**31 - 1
-EVICT_BLOCK = 256  # slots scanned per step of the victim search
 
 
 def value_checks_wanted(t):
@@ -185,6 +184,11 @@ def block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
+def evict_block(C):
+    """Slots per step of the victim search: wide, since one program scans a whole (sequence, head)."""
+    return min(1024, max(16, triton.next_power_of_2(C)))
+
+
 def cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos):
     """Triton launcher of torch.ops.squeeze.cache_append_ (see squeeze_ops.ops.cache_append_)."""
     _meta.cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos)
@@ -209,5 +213,5 @@ def cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks
         k_cache, v_cache, lens.clone(), lens, slot_pos, scores, budget,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores.stride(),
         C, D, sinks, RECENT_RATIO=float(recent_ratio), POLICY=POLICY_CODES[policy],
-        BLOCK_C=EVICT_BLOCK, BLOCK_D=block_d(D),
+        BLOCK_C=evict_block(C), BLOCK_D=block_d(D),
     )

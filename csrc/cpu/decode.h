@@ -176,24 +176,27 @@ inline void append_token(const HeadSlots<scalar_t>& s, int64_t slot, const scala
 
 // The G query heads q[0..G) (row stride q_stride) of one KV head attend over its first n slots:
 // out[g] = softmax(scale * q[g] . k_j) v_j. With `scores`, adds the probabilities summed over the G
-// heads to each slot's score. n = 0 gives zeros. `work` is scratch of at least G * (n + D) floats.
+// heads to each slot's score. n = 0 gives zeros. `work` is scratch, resized here.
 template <typename scalar_t>
 inline void attend_group(const HeadSlots<scalar_t>& s, int64_t n, const scalar_t* q, int64_t q_stride,
                          scalar_t* out, int64_t out_stride, int64_t G, float scale, bool scores,
                          std::vector<float>& work) {
   const int64_t D = s.D;
-  work.resize(G * (n + D) + 2 * D);
+  work.resize(G * (n + 2 * D) + D);
   float* p = work.data();            // [G, n] logits, then probabilities
   float* acc = p + G * n;            // [G, D] output accumulators
-  float* row = acc + G * D;          // one K or V row in float32
-  float* qf = row + D;               // one query head, pre-scaled
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t d = 0; d < D; ++d) qf[d] = scale * static_cast<float>(q[g * q_stride + d]);
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t* k = s.k + j * s.k_stride;
+  float* qf = acc + G * D;           // [G, D] query heads, pre-scaled, in float32
+  float* row = qf + G * D;           // one K or V row in float32
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) qf[g * D + d] = scale * static_cast<float>(q[g * q_stride + d]);
+  for (int64_t j = 0; j < n; ++j) {  // each K row is read once for the whole group
+    const scalar_t* k = s.k + j * s.k_stride;
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(k[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qf[d] * static_cast<float>(k[d]);
+      for (int64_t d = 0; d < D; ++d) dot += qg[d] * row[d];
       p[g * n + j] = dot;
     }
   }
