@@ -17,11 +17,11 @@ import triton.language as tl
 
 from squeeze_ops import _meta
 
-# Policy codes, as in csrc/checks.h.
-WINDOW, STREAMING, H2O = 0, 1, 2
-POLICY_CODES = {"window": WINDOW, "streaming": STREAMING, "h2o": H2O}
+# Policy codes, as in csrc/checks.h (constexpr globals: visible inside @triton.jit functions).
+WINDOW, STREAMING, H2O = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+POLICY_CODES = {"window": WINDOW.value, "streaming": STREAMING.value, "h2o": H2O.value}
 
-INT32_MAX = 2**31 - 1
+INT32_MAX = tl.constexpr(2**31 - 1)
 
 
 def value_checks_wanted(t):

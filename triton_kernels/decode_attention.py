@@ -77,17 +77,15 @@ def _split_kernel(
     v_row = v_ptr + b * stride_vb + h * stride_vh
 
     if APPEND:
-        # The new token goes to slot n_old, written by the split that covers it; attention takes it
-        # from registers, since no program reads that slot from memory in this pass.
-        # lens after the append, for the combine pass (which rewrites lens itself).
-        tl.store(n_ptr + b, n, mask=(h == 0) & (split == 0))
+        # The new token goes to slot n_old, written by the split that covers it. No program reads
+        # that slot from memory in this pass: the covering split adds it from registers below.
+        tl.store(n_ptr + b, n, mask=(h == 0) & (split == 0))  # lens after the append, for the combine pass
         k_new = tl.load(knew_ptr + b * stride_nb + h * stride_nh + offs_d, mask=d_mask)
         v_new = tl.load(vnew_ptr + b * stride_wb + h * stride_wh + offs_d, mask=d_mask)
-        mine = (n_old >= start) & (n_old < start + split_len) & (n_old < C)
+        mine = (n_old >= start) & (n_old < end)
         tl.store(k_row + n_old * stride_kc + offs_d, k_new, mask=d_mask & mine)
         tl.store(v_row + n_old * stride_vc + offs_d, v_new, mask=d_mask & mine)
-        slot = b * stride_pb + h * stride_ph + n_old * stride_pc
-        tl.store(pos_ptr + slot, tl.load(tokpos_ptr + b), mask=mine)
+        tl.store(pos_ptr + b * stride_pb + h * stride_ph + n_old * stride_pc, tl.load(tokpos_ptr + b), mask=mine)
         tl.store(score_ptr + b * stride_sb + h * stride_sh + n_old * stride_sc, 0.0, mask=mine)
         cached_end = tl.minimum(end, n_old)
     else:
@@ -98,29 +96,38 @@ def _split_kernel(
     has_keys = start < end
     q = tl.load(q_ptr + b * stride_qb + (h * G + offs_h)[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :] & has_keys, other=0.0)
+    logit_rows = logit_ptr + (b * Hkv * G + h * G + offs_h) * C
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for t in range(start, end, BLOCK_N):
+    for t in range(start, cached_end, BLOCK_N):
         offs_n = t + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < cached_end)[:, None] & d_mask[None, :]
-        k = tl.load(k_row + offs_n[:, None] * stride_kc + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_row + offs_n[:, None] * stride_vc + offs_d[None, :], mask=kv_mask, other=0.0)
-        if APPEND:
-            is_new = (offs_n == n_old)[:, None]
-            k = tl.where(is_new, k_new[None, :], k)
-            v = tl.where(is_new, v_new[None, :], v)
+        n_mask = offs_n < cached_end
+        k = tl.load(k_row + offs_n[:, None] * stride_kc + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        v = tl.load(v_row + offs_n[:, None] * stride_vc + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where((offs_n < end)[None, :], s, float("-inf"))
+        s = tl.where(n_mask[None, :], s, float("-inf"))
         if SCORES:
-            tl.store(logit_ptr + (b * Hkv * G + h * G + offs_h)[:, None] * C + offs_n[None, :], s,
-                     mask=h_mask[:, None] & (offs_n < end)[None, :])
+            tl.store(logit_rows[:, None] + offs_n[None, :], s, mask=h_mask[:, None] & n_mask[None, :])
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if APPEND:
+        if mine:  # one more column of the online softmax: the new token
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
+            if SCORES:
+                tl.store(logit_rows + n_old, s_new, mask=h_mask)
+            m_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_new)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+            m_i = m_new
     part = (b * Hkv + h) * S + split
     l_i = tl.where(has_keys, l_i, 1.0)
     tl.store(o_part_ptr + (part * G + offs_h)[:, None] * D + offs_d[None, :], acc / l_i[:, None],
