@@ -123,7 +123,7 @@ def test_evict_matches_reference(policy, sinks, recent_ratio, dtype):
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_evict_triton_matches_reference(policy):
-    C = 1100  # the victim search scans two blocks
+    C = 4200  # the victim search scans two blocks
     cache = random_cache(2, 2, C, 64, [C, 7], device=TRITON_DEVICE)
     budget = torch.tensor([C - 4, 3], **I32, device=TRITON_DEVICE)
     got, want = clone_all(cache), clone_all(cache)

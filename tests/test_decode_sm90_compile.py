@@ -43,7 +43,8 @@ def compile_all():
 
     ints = {n: "i32" for n in ("lens_ptr", "n_ptr", "tokpos_ptr", "pos_ptr", "budget_ptr")}
     for kv, G, D, append, scores in [("fp16", 4, 128, True, True), ("bf16", 1, 64, False, False),
-                                     ("fp16", 8, 128, False, True), ("bf16", 3, 64, True, False)]:
+                                     ("fp16", 8, 128, False, True), ("bf16", 3, 64, True, False),
+                                     ("bf16", 2, 256, True, True)]:
         dtypes = dict(ints, **{n: kv for n in ("q_ptr", "k_ptr", "v_ptr", "knew_ptr", "vnew_ptr")})
         compile_for_sm90(da._split_kernel, dtypes, dict(
             G=G, D=D, S=4, BLOCK_H=16, BLOCK_N=da.BLOCK_N, BLOCK_D=co.block_d(D), APPEND=append, SCORES=scores,
@@ -52,11 +53,11 @@ def compile_all():
         block_g = triton.next_power_of_2(G)
         dtypes = dict(ints, **{n: "bf16" for n in ("out_ptr", "k_ptr", "v_ptr")})
         compile_for_sm90(da._combine_kernel, dtypes, dict(
-            G=G, D=128, S=4, BLOCK_G=block_g, BLOCK_D=128, SCORE_BLOCK=2048 // block_g, EVICT_BLOCK=1024,
-            SCORES=scores, EVICT=evict, POLICY=co.POLICY_CODES[policy], RECENT_RATIO=0.5))
+            G=G, D=128, S=4, BLOCK_G=block_g, BLOCK_D=128, SCORE_BLOCK=8192 // block_g, EVICT_BLOCK=4096,
+            SCORES=scores, EVICT=evict, POLICY=co.POLICY_CODES[policy], RECENT_RATIO=0.5), num_warps=8)
     kv = dict(ints, **{n: "fp16" for n in ("k_ptr", "v_ptr", "knew_ptr", "vnew_ptr")})
-    compile_for_sm90(co._evict_kernel, kv, dict(RECENT_RATIO=0.7, POLICY=co.POLICY_CODES["h2o"], BLOCK_C=1024,
-                                                BLOCK_D=128))
+    compile_for_sm90(co._evict_kernel, kv, dict(RECENT_RATIO=0.7, POLICY=co.POLICY_CODES["h2o"], BLOCK_C=4096,
+                                                BLOCK_D=128), num_warps=8)
     compile_for_sm90(co._append_kernel, kv, dict(BLOCK_D=128))
 
 

@@ -185,8 +185,9 @@ def block_d(D):
 
 
 def evict_block(C):
-    """Slots per step of the victim search: wide, since one program scans a whole (sequence, head)."""
-    return min(1024, max(16, triton.next_power_of_2(C)))
+    """Slots per step of the victim search: wide, since one program scans a whole (sequence, head)
+    and each step waits for its loads (a 16k-slot head takes 4 steps)."""
+    return min(4096, max(16, triton.next_power_of_2(C)))
 
 
 def cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos):
@@ -213,5 +214,5 @@ def cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks
         k_cache, v_cache, lens.clone(), lens, slot_pos, scores, budget,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores.stride(),
         C, D, sinks, RECENT_RATIO=float(recent_ratio), POLICY=POLICY_CODES[policy],
-        BLOCK_C=evict_block(C), BLOCK_D=block_d(D),
+        BLOCK_C=evict_block(C), BLOCK_D=block_d(D), num_warps=8,
     )

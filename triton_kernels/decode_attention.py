@@ -236,9 +236,9 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
         k_cache, v_cache, lens, slot_pos, scores_t, budget,
         *out.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores_t.stride(),
         C, split_len, sinks,
-        BLOCK_G=block_g, SCORE_BLOCK=min(2048 // block_g, max(16, triton.next_power_of_2(C))),
+        BLOCK_G=block_g, SCORE_BLOCK=min(8192 // block_g, max(16, triton.next_power_of_2(C))),
         EVICT_BLOCK=evict_block(C), SCORES=accumulate, EVICT=step is not None,
-        POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta,
+        POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta, num_warps=8,
     )
     return out
 
