@@ -183,7 +183,8 @@ def bad_evictions():
     yield "negative sinks", (*cache, budget, "streaming", -1, 0.5), "sinks"
     yield "recent_ratio", (*cache, budget, "h2o", 0, 1.5), "recent_ratio"
     yield "budget dtype", (*cache, budget.long(), "h2o", 0, 0.5), "budget: expected dtype"
-    yield "slot_pos shape", (*cache[:3], cache[3][:, :, :4], cache[4], budget, "h2o", 0, 0.5), "slot_pos: expected shape"
+    yield "slot_pos shape", (*cache[:3], cache[3][:, :, :4], cache[4], budget, "h2o", 0, 0.5), \
+        "slot_pos: expected shape"
     yield "cache rank", (cache[0][0], *cache[1:], budget, "h2o", 0, 0.5), "k_cache: expected a 4-d"
 
 

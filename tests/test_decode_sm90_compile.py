@@ -49,7 +49,8 @@ def compile_all():
         compile_for_sm90(da._split_kernel, dtypes, dict(
             G=G, D=D, S=4, BLOCK_H=16, BLOCK_N=da.BLOCK_N, BLOCK_D=co.block_d(D), APPEND=append, SCORES=scores,
             DOT_PRECISION="tf32"))
-    for G, scores, evict, policy in [(4, True, True, "h2o"), (3, False, True, "streaming"), (1, False, False, "window")]:
+    for G, scores, evict, policy in [(4, True, True, "h2o"), (3, False, True, "streaming"),
+                                     (1, False, False, "window")]:
         block_g = triton.next_power_of_2(G)
         dtypes = dict(ints, **{n: "bf16" for n in ("out_ptr", "k_ptr", "v_ptr")})
         compile_for_sm90(da._combine_kernel, dtypes, dict(

@@ -11,7 +11,6 @@ full cache is dropped, and the eviction only moves slots below lens.
 """
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -40,10 +39,10 @@ def check_values(C, lens, *, append=False, budget=None, pos=None):
                     f"capacity C of k_cache, so no slot is left to append to")
     if budget is not None:
         max_budget = C - 1 if append else C
+        why = " minus the slot of the appended token (decode_step_ needs C >= budget + 1)" if append else ""
         for b, keep in enumerate(budget.tolist()):
             _meta.check(keep >= 0, f"budget: expected non-negative budgets, got budget[{b}] = {keep}")
-            _meta.check(keep <= max_budget, f"budget: budget[{b}] = {keep} exceeds the capacity C = {C}" +
-                        (" minus the slot of the appended token (decode_step_ needs C >= budget + 1)" if append else ""))
+            _meta.check(keep <= max_budget, f"budget: budget[{b}] = {keep} exceeds the capacity C = {C}{why}")
     if pos is not None:
         for b, p in enumerate(pos.tolist()):
             _meta.check(p >= 0, f"pos: expected non-negative token positions, got pos[{b}] = {p}")
