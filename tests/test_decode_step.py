@@ -241,3 +241,14 @@ def test_cuda_compile_fullgraph_equals_eager():
     for step_in in inputs:
         torch.testing.assert_close(compiled(*step_in, *cache), step(*step_in, *eager), rtol=0, atol=0)
         assert_same_cache(cache, eager)
+
+
+@pytest.mark.cuda
+def test_cuda_debug_mode_checks_values(monkeypatch):
+    """SQUEEZE_DEBUG=1 turns on the host-side value checks of the GPU path."""
+    monkeypatch.setenv("SQUEEZE_DEBUG", "1")
+    cache = random_cache(2, 2, 6, 64, [6, 2], device="cuda")
+    step = step_inputs(2, 4, 2, 64, [6, 2], device="cuda")
+    budget = torch.tensor([4, 4], **I32, device="cuda")
+    expect_error(lambda: torch.ops.squeeze.decode_step_(*step, *cache, budget, 0.125, "h2o", 0, 0.5, True), cache,
+                 "capacity overflow")
