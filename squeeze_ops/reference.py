@@ -11,6 +11,7 @@ import torch
 
 # ---- decode ----
 
+
 def decode_attention(q, k_cache, v_cache, lens, scale, scores=None):
     """One query token per sequence over the first lens[b] slots of a layer cache.
 
