@@ -93,6 +93,26 @@ def test_equals_the_separate_ops():
         assert_same_cache(fused, split)
 
 
+@pytest.mark.parametrize("run", [torch.ops.squeeze.decode_step_, tk.decode_step_], ids=["cpu", "triton"])
+def test_strided_layouts(run):
+    """K/V stored as [B, C, Hkv, D] (viewed as [B, Hkv, C, D]), slot_pos / scores as slices of wider
+    rows, q sliced out of a wider tensor: only the last dimension needs to be contiguous."""
+    B, H, Hkv, C, D = 2, 4, 2, 70, 64
+    dense = random_cache(B, Hkv, C, D, [69, 3])
+    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in dense[:2]] + [dense[2].clone()]
+    strided += [torch.cat([t, t[..., :5]], dim=-1)[..., :C] for t in dense[3:]]
+    strided = [t.to(TRITON_DEVICE) for t in strided] if run is tk.decode_step_ else strided
+    q, k_new, v_new, pos = step_inputs(B, H + 3, Hkv, D, [69, 3])
+    q = q[:, 1:H + 1]
+    want = clone_all(dense)
+    args = (torch.tensor([60, 5], **I32), 0.125, "h2o", 1, 0.5, True)
+    ref = reference.decode_step_(q, k_new, v_new, pos, *want, *args)
+    on = [t.to(strided[0].device) for t in (q, k_new, v_new, pos)]
+    out = run(*on, *strided, args[0].to(strided[0].device), *args[1:])
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
+    assert kept_positions(strided[2].cpu(), strided[3].cpu()) == kept_positions(want[2], want[3])
+
+
 def test_wrapper_defaults():
     cache = random_cache(1, 1, 6, 64, [5])
     q, k_new, v_new, pos = step_inputs(1, 2, 1, 64, [5])
