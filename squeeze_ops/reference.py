@@ -235,6 +235,7 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
 
 # ---- decode ----
 
+
 def decode_attention(q, k_cache, v_cache, lens, scale, scores=None):
     """One query token per sequence over the first lens[b] slots of a layer cache.
 
