@@ -126,25 +126,32 @@ def peak_bytes(fn, device):
 
 def sdpa_flash_anchor(q, k, v, cu, lengths, scale):
     """SDPA with the FlashAttention backend, causal, no scores: dense SDPA for one sequence,
-    FlashAttention-2 varlen (aten._flash_attention_forward) for a ragged batch."""
-    if len(lengths) > 1:
-        n = max(lengths)
-        return lambda: torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, n, n, 0.0, True, False, scale=scale)
+    FlashAttention-2 varlen (aten._flash_attention_forward) for a ragged batch. Where the
+    build's kernel takes no GQA, the K/V heads are repeated beforehand (outside the timing)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    qd, kd, vd = (t.transpose(0, 1)[None] for t in (q, k, v))
+    n = max(lengths)
 
-    def run(kd=kd, vd=vd, gqa=True):
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
+    def make(kx, vx):
+        if len(lengths) > 1:
+            return lambda: torch.ops.aten._flash_attention_forward(q, kx, vx, cu, cu, n, n, 0.0, True, False,
+                                                                   scale=scale)
+        qd, kd, vd = (t.transpose(0, 1)[None] for t in (q, kx, vx))
 
-    try:
-        run()
+        def run():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale,
+                                                      enable_gqa=kd.shape[1] != qd.shape[1])
+
         return run
-    except RuntimeError:  # no GQA in this build's flash backend: K/V heads repeated beforehand
+
+    fn = make(k, v)
+    try:
+        fn()
+        return fn
+    except RuntimeError:
         group = q.shape[1] // k.shape[1]
-        kx, vx = kd.repeat_interleave(group, 1), vd.repeat_interleave(group, 1)
-        return lambda: run(kx, vx, False)
+        return make(k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
 
 
 def attention_rows(lengths, label, H, Hkv, D, dtype, device, bandwidth):
