@@ -1,7 +1,7 @@
 // prefill_attention on CPU: causal attention over packed variable-length sequences with
 // optional H2O / observation-window column scores.
 //
-// Pass 1 walks each (sequence, query head, block of queries) over the key blocks it sees with
+// Pass 1 walks each (sequence, KV head, block of queries) over the key blocks it sees with
 // an online softmax, so memory stays linear in tokens (a 32k prompt never needs a T x T
 // buffer). Pass 2, only when scores are asked for, walks each (sequence, KV head, block of
 // keys) over the queries at or after it, recomputes p = exp(scale q.k - lse) from pass 1's
@@ -23,14 +23,14 @@ namespace squeeze {
 namespace {
 
 // Tiles are multiplied with at::mm (BLAS); they are large enough for its per-call cost to vanish.
-constexpr int64_t kQueryBlock = 64;   // pass 1: queries per work item
+constexpr int64_t kQueryBlock = 64;   // pass 1: queries (times the group's heads) per work item
 constexpr int64_t kKeyBlock = 256;    // pass 1: keys per tile; pass 2: keys per work item
-constexpr int64_t kScoreQueries = 256;  // pass 2: queries per tile
+constexpr int64_t kScoreQueries = 256;  // pass 2: queries (times the group's heads) per tile
 
 // A block [lo, hi) of the local positions of one sequence (tokens start .. start + seq_len),
-// for one head.
+// for one KV head and the query heads of its group.
 struct Item {
-  int64_t start, seq_len, lo, hi, head, cost;
+  int64_t start, seq_len, lo, hi, kv_head, cost;
 };
 
 // Runs fn on every item over the intra-op threads. Causal work is uneven (the last query
@@ -54,59 +54,70 @@ inline int64_t window_start(int64_t n, int64_t score_window) {
   return score_window == 0 ? 0 : std::max<int64_t>(n - score_window, 0);
 }
 
-// Tokens [t0, t0 + n) of head h of a packed float [T, heads, D] tensor: an [n, D] view.
-inline at::Tensor rows(const at::Tensor& packed, int64_t h, int64_t t0, int64_t n) {
-  return packed.select(1, h).narrow(0, t0, n);
+// Keys [t0, t0 + n) of KV head g of a packed float [T, Hkv, D] tensor: an [n, D] view.
+inline at::Tensor key_rows(const at::Tensor& packed, int64_t g, int64_t t0, int64_t n) {
+  return packed.select(1, g).narrow(0, t0, n);
 }
 
-// True where key kb + j comes after query lo + i: the causal mask of a tile.
-inline at::Tensor after_query(int64_t lo, int64_t nq, int64_t kb, int64_t nk) {
-  const auto opts = at::TensorOptions().dtype(at::kLong);
-  return at::arange(kb, kb + nk, opts).unsqueeze(0) > at::arange(lo, lo + nq, opts).unsqueeze(1);
+// The [n, group] (or [n, group, D]) slice of tokens [t0, t0 + n) and the query heads of KV
+// head g in a packed [T, H] (or [T, H, D]) tensor.
+inline at::Tensor group_slice(const at::Tensor& packed, int64_t g, int64_t group, int64_t t0, int64_t n) {
+  return packed.narrow(0, t0, n).narrow(1, g * group, group);
 }
 
-// Pass 1 for one item: out and lse of queries [lo, hi) of head `head`, an online softmax over
-// key tiles (q, k, v float).
+// The local position of each row of a group tile: queries lo .. lo + n, each repeated for
+// the group's heads (the tiles stack the heads of a query next to each other).
+inline at::Tensor row_positions(int64_t lo, int64_t n, int64_t group) {
+  return at::arange(lo, lo + n, at::TensorOptions().dtype(at::kLong)).repeat_interleave(group);
+}
+
+// True where key kb + j comes after the query of row i: the causal mask of a tile.
+inline at::Tensor after_query(const at::Tensor& query_pos, int64_t kb, int64_t nk) {
+  return at::arange(kb, kb + nk, query_pos.options()).unsqueeze(0) > query_pos.unsqueeze(1);
+}
+
+// Pass 1 for one item: out and lse of queries [lo, hi) of the group's heads, an online
+// softmax over key tiles (q, k, v float). The heads share every K/V tile.
 void attend(const Item& it, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t group,
             double scale, const at::Tensor& out, const at::Tensor& lse) {
-  const int64_t nq = it.hi - it.lo, g = it.head / group;
-  const at::Tensor q_tile = rows(q, it.head, it.start + it.lo, nq);
-  at::Tensor acc = at::zeros({nq, q.size(2)}, q.options());
-  at::Tensor m = at::full({nq}, -std::numeric_limits<float>::infinity(), q.options());
-  at::Tensor l = at::zeros({nq}, q.options());
+  const int64_t nq = it.hi - it.lo, D = q.size(2), t0 = it.start + it.lo;
+  const at::Tensor q_tile = group_slice(q, it.kv_head, group, t0, nq).reshape({nq * group, D});
+  const at::Tensor query_pos = row_positions(it.lo, nq, group);
+  at::Tensor acc = at::zeros({nq * group, D}, q.options());
+  at::Tensor m = at::full({nq * group}, -std::numeric_limits<float>::infinity(), q.options());
+  at::Tensor l = at::zeros({nq * group}, q.options());
   for (int64_t kb = 0; kb < it.hi; kb += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, it.hi - kb);
-    at::Tensor s = at::mm(q_tile, rows(k, g, it.start + kb, nk).t()).mul_(scale);  // [nq, nk]
-    if (kb + nk - 1 > it.lo) s.masked_fill_(after_query(it.lo, nq, kb, nk), -std::numeric_limits<float>::infinity());
+    at::Tensor s = at::mm(q_tile, key_rows(k, it.kv_head, it.start + kb, nk).t()).mul_(scale);
+    if (kb + nk - 1 > it.lo) s.masked_fill_(after_query(query_pos, kb, nk), -std::numeric_limits<float>::infinity());
     // Every query sees key 0 in the first tile, so m_new is finite from there on.
     const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
     const at::Tensor alpha = (m - m_new).exp_();  // 0 on the first tile (m = -inf)
     s.sub_(m_new.unsqueeze(1)).exp_();
     l.mul_(alpha).add_(s.sum(1));
-    acc.mul_(alpha.unsqueeze(1)).addmm_(s, rows(v, g, it.start + kb, nk));
+    acc.mul_(alpha.unsqueeze(1)).addmm_(s, key_rows(v, it.kv_head, it.start + kb, nk));
     m = m_new;
   }
-  rows(out, it.head, it.start + it.lo, nq).copy_(acc.div_(l.unsqueeze(1)));
-  lse.select(1, it.head).narrow(0, it.start + it.lo, nq).copy_(m.add_(l.log_()));
+  group_slice(out, it.kv_head, group, t0, nq).copy_(acc.div_(l.unsqueeze(1)).view({nq, group, D}));
+  group_slice(lse, it.kv_head, group, t0, nq).copy_(m.add_(l.log_()).view({nq, group}));
 }
 
-// Pass 2 for one item: column scores of keys [lo, hi) of KV head `head`, summed over the
+// Pass 2 for one item: column scores of keys [lo, hi) of KV head kv_head, summed over the
 // group's query heads and over the queries of the window at or after each key.
 void column_scores(const Item& it, int64_t score_window, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& lse, int64_t group, double scale, const at::Tensor& scores) {
-  const int64_t nk = it.hi - it.lo;
-  const at::Tensor k_tile = rows(k, it.head, it.start + it.lo, nk);
+  const int64_t nk = it.hi - it.lo, D = q.size(2);
+  const at::Tensor k_tile = key_rows(k, it.kv_head, it.start + it.lo, nk);
   at::Tensor col = at::zeros({nk}, k.options());
-  for (int64_t h = it.head * group; h < (it.head + 1) * group; ++h) {
-    for (int64_t qb = std::max(it.lo, window_start(it.seq_len, score_window)); qb < it.seq_len; qb += kScoreQueries) {
-      const int64_t nq = std::min(kScoreQueries, it.seq_len - qb);
-      const at::Tensor row_lse = lse.select(1, h).narrow(0, it.start + qb, nq);
-      at::Tensor p = at::mm(k_tile, rows(q, h, it.start + qb, nq).t()).mul_(scale).sub_(row_lse.unsqueeze(0)).exp_();
-      if (it.hi - 1 > qb) p.masked_fill_(after_query(qb, nq, it.lo, nk).t(), 0.f);  // [key, query]
-      col.add_(p.sum(1));
-    }
+  for (int64_t qb = std::max(it.lo, window_start(it.seq_len, score_window)); qb < it.seq_len; qb += kScoreQueries) {
+    const int64_t nq = std::min(kScoreQueries, it.seq_len - qb);
+    const at::Tensor q_tile = group_slice(q, it.kv_head, group, it.start + qb, nq).reshape({nq * group, D});
+    const at::Tensor row_lse = group_slice(lse, it.kv_head, group, it.start + qb, nq).reshape({1, nq * group});
+    at::Tensor p = at::mm(k_tile, q_tile.t()).mul_(scale).sub_(row_lse).exp_();  // [key, query row]
+    if (it.hi - 1 > qb) p.masked_fill_(after_query(row_positions(qb, nq, group), it.lo, nk).t(), 0.f);
+    col.add_(p.sum(1));
   }
-  scores.select(1, it.head).narrow(0, it.start + it.lo, nk).copy_(col);
+  scores.select(1, it.kv_head).narrow(0, it.start + it.lo, nk).copy_(col);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -148,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::T
     const int64_t n = cu[b + 1] - cu[b];
     for (int64_t lo = 0; lo < n; lo += kQueryBlock) {
       const int64_t hi = std::min(lo + kQueryBlock, n);
-      for (int64_t h = 0; h < H; ++h) items.push_back({cu[b], n, lo, hi, h, hi});
+      for (int64_t g = 0; g < Hkv; ++g) items.push_back({cu[b], n, lo, hi, g, hi});
     }
   }
   for_each_item(items, [&](const Item& it) { attend(it, qf, kf, vf, group, scale, out, lse); });
