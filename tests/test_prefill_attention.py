@@ -102,6 +102,7 @@ TRITON_CASES = [  # lengths, H, Hkv, D, dtype, score_window
     ([40, 0, 17, 3], 3, 1, 64, torch.float32, 0),
     ([33, 16], 8, 2, 128, torch.float16, 5),
     ([29], 4, 4, 32, torch.float32, -1),
+    ([9, 20], 4, 2, 64, torch.float32, 1),
 ]
 
 

@@ -214,7 +214,7 @@ def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles
     if debug_checks_enabled():
         check_cu_seqlens_values(cu_seqlens, T, max_seqlen)
     B = cu_seqlens.shape[0] - 1
-    if T == 0 or B == 0 or max_seqlen == 0:
+    if q.numel() == 0 or B == 0 or max_seqlen == 0:
         return out, lse, scores
     qk_scale = scale * LOG2E.value
     a = attention_tiles
