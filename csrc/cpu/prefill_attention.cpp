@@ -22,6 +22,9 @@
 namespace squeeze {
 namespace {
 
+using prefill::check_packed;
+using prefill::checked_offsets;
+
 // Tiles are multiplied with at::mm (BLAS); they are large enough for its per-call cost to vanish.
 constexpr int64_t kQueryBlock = 64;   // pass 1: queries (times the group's heads) per work item
 constexpr int64_t kKeyBlock = 256;    // pass 1: keys per tile; pass 2: keys per work item
