@@ -28,8 +28,9 @@ def main(argv=None):
     parser.add_argument("--p", type=float, default=0.5, help="squeeze factor p of the demo cache (default 0.5)")
     parser.add_argument("--greedy", type=int, default=32, help="greedy continuation tokens (default 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a busy machine more threads wait on each other "
+                             "at every small op; 0 keeps torch's default)")
     parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR, help="where the Botchan sdist is cached")
     args = parser.parse_args(argv)
     if args.threads:
