@@ -170,7 +170,7 @@ def compress_kv(k, v, scores, cu_seqlens, budget, policy, capacity, *, sinks=Non
     room for the tokens still to come). Returns (k_cache [B, Hkv, C, D], v_cache, lens int32
     [B], slot_pos int32 [B, Hkv, C], cache_scores fp32 [B, Hkv, C]); K/V rows from lens on
     are uninitialised."""
-    B, (_, Hkv, D) = cu_seqlens.shape[0] - 1, k.shape
+    B, Hkv, D = cu_seqlens.shape[0] - 1, k.shape[1], k.shape[2]
     k_cache = k.new_empty(B, Hkv, capacity, D)
     v_cache = v.new_empty(B, Hkv, capacity, D)
     lens = torch.empty(B, dtype=torch.int32, device=k.device)
