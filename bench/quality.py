@@ -29,9 +29,13 @@ def main(argv=None):
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--text", choices=("botchan", "pydoc"), default="botchan")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's choice; 1 is faster on a busy machine)")
     parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR)
     parser.add_argument("--name", default="quality", help="results file name (default quality)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     progress = ev.Progress()
 
@@ -68,7 +72,7 @@ def main(argv=None):
         ", ".join(f"{k}: {v}" for k, v in env.items()) + f", run time: {seconds / 60:.1f} min",
         "",
         f"Command: `python -m bench.quality --windows {args.windows} --prompt-len {args.prompt_len} "
-        f"--gen-len {args.gen_len} --text {args.text}`",
+        f"--gen-len {args.gen_len} --text {args.text}" + (f" --threads {args.threads}`" if args.threads else "`"),
         "",
         f"Protocol (EVAL.md): {args.text} ({len(ids)} tokens), {args.windows} windows at evenly spread offsets, "
         f"each a prompt of {args.prompt_len} tokens then {args.gen_len} teacher-forced tokens. Full-attention "

