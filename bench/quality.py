@@ -29,9 +29,14 @@ def main(argv=None):
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--text", choices=("botchan", "pydoc"), default="botchan")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a busy machine more threads wait on each other "
+                             "at every small op; 0 keeps torch's default)")
     parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR)
     parser.add_argument("--name", default="quality", help="results file name (default quality)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     progress = ev.Progress()
 
@@ -60,6 +65,11 @@ def main(argv=None):
     group_sizes = [
         "/".join(str(int((r.labels == g).sum())) for g in range(3)) for r in results
     ]
+    top = first.labels == first.labels.max()
+    split = "; ".join(
+        f"{name}: {int(first.budgets[c][top][0])} tokens to each of the {int(top.sum())} G3 layers, "
+        f"{int(first.budgets[c][~top][0])} to each of the other {int((~top).sum())}"
+        for name, c in shown.items() if c.p != 1.0)
     kept = " ".join(f"p={p:g}: {sum(summary.kept[c] for c in cells if c.p == p and c.fraction == 0.2) / 3:.3f}"
                     for p in (1.0, *ev.SQUEEZE_P))
     lines = [
@@ -68,7 +78,7 @@ def main(argv=None):
         ", ".join(f"{k}: {v}" for k, v in env.items()) + f", run time: {seconds / 60:.1f} min",
         "",
         f"Command: `python -m bench.quality --windows {args.windows} --prompt-len {args.prompt_len} "
-        f"--gen-len {args.gen_len} --text {args.text}`",
+        f"--gen-len {args.gen_len} --text {args.text} --threads {args.threads}`",
         "",
         f"Protocol (EVAL.md): {args.text} ({len(ids)} tokens), {args.windows} windows at evenly spread offsets, "
         f"each a prompt of {args.prompt_len} tokens then {args.gen_len} teacher-forced tokens. Full-attention "
@@ -99,6 +109,10 @@ def main(argv=None):
         "",
         f"Group sizes G1/G2/G3 per window: {', '.join(group_sizes)}. Mean layer budget held / P at "
         f"b_init 0.2: {kept} (below b_init where a layer's share exceeds P + G and is capped).",
+        "",
+        f"Why squeeze loses or wins here: the profile decides. In window 1 at b_init 0.2 the uniform "
+        f"budget is {int(first.budgets[shown['uniform']][0])} tokens per layer; {split}. The least "
+        "important group (G3, squeezed by p) is most of the model whenever only a few layers stand out.",
         "",
     ]
     text_out = "\n".join(lines)

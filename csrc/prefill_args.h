@@ -7,7 +7,8 @@
 
 #include "checks.h"
 
-namespace squeeze {
+// In their own namespace: other areas' headers may define helpers of the same names.
+namespace squeeze::prefill {
 
 // A packed [T, heads, D] tensor of keys, values or queries.
 inline void check_packed(const at::Tensor& t, const char* name) {
@@ -42,4 +43,4 @@ inline std::vector<int64_t> checked_offsets(const at::Tensor& cu_seqlens, int64_
   return std::vector<int64_t>(cu, cu + n);
 }
 
-}  // namespace squeeze
+}  // namespace squeeze::prefill

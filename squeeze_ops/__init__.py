@@ -11,3 +11,5 @@ from .ops import *  # noqa: F401,F403
 from .planner import BudgetPlan, allocate, diagnose, plan_budgets  # noqa: F401
 
 __version__ = "0.1.0"
+from .cache import MemoryReport, PrefillRecord, SqueezeKVCache  # noqa: E402,F401
+from .policies import SequencePolicy, SqueezeSettings  # noqa: E402,F401

@@ -1,6 +1,7 @@
 """Loads the compiled op library (schemas, C++ CPU kernels, CUDA C++ kernels) and registers
 what Python provides: the fake (meta) kernels and the Triton kernels of the CUDA key."""
 import glob
+import importlib
 import os
 
 import torch
@@ -42,9 +43,6 @@ TRITON_CUDA_KERNELS = {
 
 # Library.impl rather than custom_op: its per-call cost is lower on the decode hot path.
 _triton_lib = torch.library.Library("squeeze", "IMPL")
-if torch.cuda.is_available() or os.environ.get("SQUEEZE_REGISTER_TRITON") == "1":
-    import importlib
-
-    for _name, (_module, _fn) in TRITON_CUDA_KERNELS.items():
-        _launcher = getattr(importlib.import_module(f"squeeze_ops.triton_kernels.{_module}"), _fn)
-        _triton_lib.impl(_name, _launcher, "CUDA")
+for _name, (_module, _fn) in TRITON_CUDA_KERNELS.items():
+    _launcher = getattr(importlib.import_module(f"squeeze_ops.triton_kernels.{_module}"), _fn)
+    _triton_lib.impl(_name, _launcher, "CUDA")

@@ -112,13 +112,13 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
 # ---- prefill ----
 
 
-def _check_packed_kv(t, name):
+def _check_prefill_packed(t, name):
     check_rank(t, 3, name)
     check_dtype(t, FLOAT_KV, name)
     check(t.shape[-1] <= 1 or t.stride(-1) == 1, f"{name}: last dimension must be contiguous, got strides {t.stride()}")
 
 
-def _check_index(t, shape, name, ref, ref_name="k"):
+def _check_prefill_index(t, shape, name, ref, ref_name="k"):
     """An int32 contiguous index tensor of the given shape on ref's device."""
     check_rank(t, len(shape), name)
     check_dtype(t, torch.int32, name)
@@ -127,17 +127,17 @@ def _check_index(t, shape, name, ref, ref_name="k"):
     check(t.is_contiguous(), f"{name}: expected a contiguous tensor, got strides {t.stride()}")
 
 
-def _check_cu_seqlens(cu_seqlens, ref, ref_name):
+def _check_prefill_cu_seqlens(cu_seqlens, ref, ref_name):
     check_rank(cu_seqlens, 1, "cu_seqlens")
     check(cu_seqlens.shape[0] >= 1, "cu_seqlens: expected B+1 >= 1 entries, got 0")
-    _check_index(cu_seqlens, cu_seqlens.shape, "cu_seqlens", ref, ref_name)
+    _check_prefill_index(cu_seqlens, tuple(cu_seqlens.shape), "cu_seqlens", ref, ref_name)
 
 
 def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
     """q [T, H, D], k/v [T, Hkv, D] (same dtype), cu_seqlens int32 [B+1] ->
     out [T, H, D] (q's dtype), lse fp32 [T, H], scores fp32 [T, Hkv] ([0, Hkv] if score_window < 0)."""
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_packed_kv(t, name)
+        _check_prefill_packed(t, name)
         check_device(t, q, name, "q")
     T, H, D = q.shape
     Hkv = k.shape[1]
@@ -146,7 +146,7 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
     check(k.shape[0] == T, f"k: expected {T} tokens (those of q), got shape {tuple(k.shape)}")
     check(k.shape[2] == D, f"k: expected head dim {D} (that of q), got shape {tuple(k.shape)}")
     check(Hkv > 0 and H % Hkv == 0, f"k: the number of KV heads ({Hkv}) must divide the query heads ({H})")
-    _check_cu_seqlens(cu_seqlens, q, "q")
+    _check_prefill_cu_seqlens(cu_seqlens, q, "q")
     check(max_seqlen >= 0, f"max_seqlen: expected >= 0, got {max_seqlen}")
     out = q.new_empty(T, H, D)
     lse = q.new_empty(T, H, dtype=torch.float32)
@@ -159,8 +159,8 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
     """k/v [T, Hkv, D], scores fp32 [T, Hkv] or [0, Hkv], cu_seqlens int32 [B+1], budget int32 [B];
     writes k_cache/v_cache [B, Hkv, C, D] (k's dtype), lens int32 [B], slot_pos int32 [B, Hkv, C],
     cache_scores fp32 [B, Hkv, C]."""
-    _check_packed_kv(k, "k")
-    _check_packed_kv(v, "v")
+    _check_prefill_packed(k, "k")
+    _check_prefill_packed(v, "v")
     check_device(v, k, "v", "k")
     check(v.dtype == k.dtype, f"v: expected dtype {k.dtype} (that of k), got {v.dtype}")
     check(tuple(v.shape) == tuple(k.shape), f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
@@ -176,9 +176,9 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
     check(policy != "h2o" or scores.shape[0] == T,
           f"scores: policy 'h2o' needs the column scores ({T}, {Hkv}) of prefill_attention, got shape {tuple(scores.shape)}")
     check(scores.is_contiguous(), f"scores: expected a contiguous tensor, got strides {scores.stride()}")
-    _check_cu_seqlens(cu_seqlens, k, "k")
+    _check_prefill_cu_seqlens(cu_seqlens, k, "k")
     B = cu_seqlens.shape[0] - 1
-    _check_index(budget, (B,), "budget", k)
+    _check_prefill_index(budget, (B,), "budget", k)
     for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
         check_rank(t, 4, name)
         check(t.dtype == k.dtype, f"{name}: expected dtype {k.dtype} (that of k), got {t.dtype}")
@@ -188,8 +188,8 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
         check(t.shape[-1] <= 1 or t.stride(-1) == 1, f"{name}: last dimension must be contiguous, got strides {t.stride()}")
     C = k_cache.shape[2]
     check(v_cache.shape[2] == C, f"v_cache: expected capacity {C} (that of k_cache), got shape {tuple(v_cache.shape)}")
-    _check_index(lens, (B,), "lens", k)
-    _check_index(slot_pos, (B, Hkv, C), "slot_pos", k)
+    _check_prefill_index(lens, (B,), "lens", k)
+    _check_prefill_index(slot_pos, (B, Hkv, C), "slot_pos", k)
     check_rank(cache_scores, 3, "cache_scores")
     check_dtype(cache_scores, torch.float32, "cache_scores")
     check(tuple(cache_scores.shape) == (B, Hkv, C), f"cache_scores: expected shape {(B, Hkv, C)}, got {tuple(cache_scores.shape)}")

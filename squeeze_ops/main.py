@@ -28,8 +28,13 @@ def main(argv=None):
     parser.add_argument("--p", type=float, default=0.5, help="squeeze factor p of the demo cache (default 0.5)")
     parser.add_argument("--greedy", type=int, default=32, help="greedy continuation tokens (default 32)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a busy machine more threads wait on each other "
+                             "at every small op; 0 keeps torch's default)")
     parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR, help="where the Botchan sdist is cached")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     progress = ev.Progress()
 
@@ -60,14 +65,16 @@ def main(argv=None):
     print("Similarity = mean over the prompt of cos(x_in, x_mid); G1 = most important (lowest).")
     print(ev.profile_table(sq.similarity[0].cpu(), sq.labels[0].cpu(),
                            {"uniform budget": caches["uniform"].budgets[0].cpu(),
-                            "squeeze budget": sq.budgets[0].cpu()}))
+                            "squeeze budget": sq.budgets[0].cpu(),
+                            "squeeze KV KiB": [n // 1024 for n in sq.memory().kv_per_layer]}))
     labels = sq.labels[0].cpu()
     groups = [[i for i in range(len(labels)) if labels[i] == g] for g in range(squeeze.k)]
     for g, layers in enumerate(groups):
         print(f"G{g + 1} ({len(layers)} layers, centroid {sq.centroids[0, g].item():.4f}): {layers}")
     print()
 
-    print("## KV memory (batch 1, prompt + generated tokens)")
+    print(f"## KV memory (batch 1, {len(prompt)} prompt + {horizon} new tokens; capacity = budget + 1 slot for "
+          "the token appended before eviction; one allocation per cache)")
     for name, cache in caches.items():
         print(f"{name:8s} {cache.memory().summary()}")
     print()

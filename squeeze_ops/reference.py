@@ -132,7 +132,7 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
 # ---- prefill ----
 
 
-def _sequences(cu_seqlens):
+def _prefill_sequences(cu_seqlens):
     """(start, end) token range of every sequence of a packed batch."""
     cu = [int(c) for c in cu_seqlens]
     return list(zip(cu[:-1], cu[1:]))
@@ -158,7 +158,7 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
     out = torch.zeros(T, H, D, dtype=torch.float64)
     lse = torch.zeros(T, H, dtype=torch.float64)
     scores = torch.zeros(T if score_window >= 0 else 0, Hkv, dtype=torch.float64)
-    for start, end in _sequences(cu_seqlens):
+    for start, end in _prefill_sequences(cu_seqlens):
         n = end - start
         if n == 0:
             continue
@@ -220,7 +220,7 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
     has_scores = scores.shape[0] > 0
     slot_pos.fill_(-1)
     cache_scores.zero_()
-    for b, (start, end) in enumerate(_sequences(cu_seqlens)):
+    for b, (start, end) in enumerate(_prefill_sequences(cu_seqlens)):
         n = end - start
         lens[b] = min(n, int(budget[b]))
         for g in range(k.shape[1]):
@@ -234,6 +234,7 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
                 cache_scores[b, g, :c] = col[kept]
 
 # ---- decode ----
+
 
 def decode_attention(q, k_cache, v_cache, lens, scale, scores=None):
     """One query token per sequence over the first lens[b] slots of a layer cache.

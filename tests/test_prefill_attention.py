@@ -48,11 +48,12 @@ CASES = [  # lengths, H, Hkv, D
     ([5, 0, 64, 1, 100], 8, 2, 128),
     ([130, 17], 3, 1, 64),
     ([0], 2, 2, 64),
+    ([600, 3, 300], 4, 1, 64),  # several CPU tiles (64 queries x 256 keys) per sequence
 ]
 
 
 @pytest.mark.parametrize("lengths,H,Hkv,D", CASES)
-@pytest.mark.parametrize("score_window", [-1, 0, 1, 7, 1000])
+@pytest.mark.parametrize("score_window", [-1, 0, 1, 7, 300, 1000])
 def test_cpu_kernel_matches_reference(lengths, H, Hkv, D, score_window):
     q, k, v, cu = packed_batch(lengths, H, Hkv, D)
     got = run_op(q, k, v, cu, D**-0.5, score_window)
@@ -101,6 +102,7 @@ TRITON_CASES = [  # lengths, H, Hkv, D, dtype, score_window
     ([40, 0, 17, 3], 3, 1, 64, torch.float32, 0),
     ([33, 16], 8, 2, 128, torch.float16, 5),
     ([29], 4, 4, 32, torch.float32, -1),
+    ([9, 20], 4, 2, 64, torch.float32, 1),
 ]
 
 

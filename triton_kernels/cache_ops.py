@@ -11,18 +11,16 @@ full cache is dropped, and the eviction only moves slots below lens.
 """
 import os
 
-import torch
 import triton
 import triton.language as tl
 
 from squeeze_ops import _meta
 
-# Policy codes, as in csrc/checks.h.
-WINDOW, STREAMING, H2O = 0, 1, 2
-POLICY_CODES = {"window": WINDOW, "streaming": STREAMING, "h2o": H2O}
+# Policy codes, as in csrc/checks.h (constexpr globals: visible inside @triton.jit functions).
+WINDOW, STREAMING, H2O = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+POLICY_CODES = {"window": WINDOW.value, "streaming": STREAMING.value, "h2o": H2O.value}
 
-INT32_MAX = 2**31 - 1
-EVICT_BLOCK = 256  # slots scanned per step of the victim search
+INT32_MAX = tl.constexpr(2**31 - 1)
 
 
 def value_checks_wanted(t):
@@ -41,10 +39,10 @@ def check_values(C, lens, *, append=False, budget=None, pos=None):
                     f"capacity C of k_cache, so no slot is left to append to")
     if budget is not None:
         max_budget = C - 1 if append else C
+        why = " minus the slot of the appended token (decode_step_ needs C >= budget + 1)" if append else ""
         for b, keep in enumerate(budget.tolist()):
             _meta.check(keep >= 0, f"budget: expected non-negative budgets, got budget[{b}] = {keep}")
-            _meta.check(keep <= max_budget, f"budget: budget[{b}] = {keep} exceeds the capacity C = {C}" +
-                        (" minus the slot of the appended token (decode_step_ needs C >= budget + 1)" if append else ""))
+            _meta.check(keep <= max_budget, f"budget: budget[{b}] = {keep} exceeds the capacity C = {C}{why}")
     if pos is not None:
         for b, p in enumerate(pos.tolist()):
             _meta.check(p >= 0, f"pos: expected non-negative token positions, got pos[{b}] = {p}")
@@ -185,6 +183,12 @@ def block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
+def evict_block(C):
+    """Slots per step of the victim search: wide, since one program scans a whole (sequence, head)
+    and each step waits for its loads (a 16k-slot head takes 4 steps)."""
+    return min(4096, max(16, triton.next_power_of_2(C)))
+
+
 def cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos):
     """Triton launcher of torch.ops.squeeze.cache_append_ (see squeeze_ops.ops.cache_append_)."""
     _meta.cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos)
@@ -209,5 +213,5 @@ def cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks
         k_cache, v_cache, lens.clone(), lens, slot_pos, scores, budget,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores.stride(),
         C, D, sinks, RECENT_RATIO=float(recent_ratio), POLICY=POLICY_CODES[policy],
-        BLOCK_C=EVICT_BLOCK, BLOCK_D=block_d(D),
+        BLOCK_C=evict_block(C), BLOCK_D=block_d(D), num_warps=8,
     )

@@ -23,20 +23,20 @@ import triton.language as tl
 
 from squeeze_ops import _meta
 
-from .cache_ops import EVICT_BLOCK, POLICY_CODES, block_d, check_values, evict_head, value_checks_wanted
+from .cache_ops import POLICY_CODES, block_d, check_values, evict_block, evict_head, value_checks_wanted
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per tile of the split pass
-SCORE_BLOCK = 128  # slots per tile of the combine pass's score update
 MIN_TILES_PER_SPLIT = 2  # keeps a split's K/V read large against its partial-output traffic
 
 
 @functools.lru_cache(maxsize=None)
 def _programs_wanted(device):
-    """Split-pass programs that keep the device busy: a few per SM on a GPU; on the CPU interpreter
-    a small number, enough for tests to exercise the combine of several splits."""
+    """Split-pass programs that keep the device busy: several waves on a GPU (so the last, partial
+    wave costs little); on the CPU interpreter a small number, enough for tests to exercise the
+    combine of several splits."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
     return 16
 
 
@@ -77,52 +77,62 @@ def _split_kernel(
     v_row = v_ptr + b * stride_vb + h * stride_vh
 
     if APPEND:
-        # The new token goes to slot n_old, written by the split that covers it; attention takes it
-        # from registers, since no program reads that slot from memory in this pass.
-        if (h == 0) & (split == 0):
-            tl.store(n_ptr + b, n)  # lens after the append, for the combine pass (lens itself is rewritten there)
+        # The new token goes to slot n_old, written by the split that covers it. No program reads
+        # that slot from memory in this pass: the covering split adds it from registers below.
+        tl.store(n_ptr + b, n, mask=(h == 0) & (split == 0))  # lens after the append, for the combine pass
         k_new = tl.load(knew_ptr + b * stride_nb + h * stride_nh + offs_d, mask=d_mask)
         v_new = tl.load(vnew_ptr + b * stride_wb + h * stride_wh + offs_d, mask=d_mask)
-        mine = (n_old >= start) & (n_old < start + split_len) & (n_old < C)
+        mine = (n_old >= start) & (n_old < end)
         tl.store(k_row + n_old * stride_kc + offs_d, k_new, mask=d_mask & mine)
         tl.store(v_row + n_old * stride_vc + offs_d, v_new, mask=d_mask & mine)
-        slot = b * stride_pb + h * stride_ph + n_old * stride_pc
-        tl.store(pos_ptr + slot, tl.load(tokpos_ptr + b), mask=mine)
+        tl.store(pos_ptr + b * stride_pb + h * stride_ph + n_old * stride_pc, tl.load(tokpos_ptr + b), mask=mine)
         tl.store(score_ptr + b * stride_sb + h * stride_sh + n_old * stride_sc, 0.0, mask=mine)
         cached_end = tl.minimum(end, n_old)
     else:
         cached_end = end
 
-    if start < end:
-        q = tl.load(q_ptr + b * stride_qb + (h * G + offs_h)[:, None] * stride_qh + offs_d[None, :],
-                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for t in range(start, end, BLOCK_N):
-            offs_n = t + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n < cached_end)[:, None] & d_mask[None, :]
-            k = tl.load(k_row + offs_n[:, None] * stride_kc + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_row + offs_n[:, None] * stride_vc + offs_d[None, :], mask=kv_mask, other=0.0)
-            if APPEND:
-                is_new = (offs_n == n_old)[:, None]
-                k = tl.where(is_new, k_new[None, :], k)
-                v = tl.where(is_new, v_new[None, :], v)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-            s = tl.where((offs_n < end)[None, :], s, float("-inf"))
+    # Programs past the sequence's last split find no keys: the loop runs zero times and nothing
+    # is loaded or stored (masks rather than a branch keep the loop at the top level).
+    has_keys = start < end
+    q = tl.load(q_ptr + b * stride_qb + (h * G + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :] & has_keys, other=0.0)
+    logit_rows = logit_ptr + (b * Hkv * G + h * G + offs_h) * C
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for t in range(start, cached_end, BLOCK_N):
+        offs_n = t + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < cached_end
+        k = tl.load(k_row + offs_n[:, None] * stride_kc + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        v = tl.load(v_row + offs_n[:, None] * stride_vc + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        if SCORES:
+            tl.store(logit_rows[:, None] + offs_n[None, :], s, mask=h_mask[:, None] & n_mask[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    if APPEND:
+        if mine:  # one more column of the online softmax: the new token
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale_log2
             if SCORES:
-                tl.store(logit_ptr + (b * Hkv * G + h * G + offs_h)[:, None] * C + offs_n[None, :], s,
-                         mask=h_mask[:, None] & (offs_n < end)[None, :])
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+                tl.store(logit_rows + n_old, s_new, mask=h_mask)
+            m_new = tl.maximum(m_i, s_new)
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            p_new = tl.exp2(s_new - m_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
-        part = (b * Hkv + h) * S + split
-        tl.store(o_part_ptr + (part * G + offs_h)[:, None] * D + offs_d[None, :], acc / l_i[:, None],
-                 mask=h_mask[:, None] & d_mask[None, :])
-        tl.store(lse_part_ptr + part * G + offs_h, m_i + tl.log2(l_i), mask=h_mask)
+    part = (b * Hkv + h) * S + split
+    l_i = tl.where(has_keys, l_i, 1.0)
+    tl.store(o_part_ptr + (part * G + offs_h)[:, None] * D + offs_d[None, :], acc / l_i[:, None],
+             mask=h_mask[:, None] & d_mask[None, :] & has_keys)
+    tl.store(lse_part_ptr + part * G + offs_h, m_i + tl.log2(l_i), mask=h_mask & has_keys)
 
 
 @triton.jit
@@ -133,7 +143,7 @@ def _combine_kernel(
     stride_pb, stride_ph, stride_pc, stride_sb, stride_sh, stride_sc,
     C, split_len, sinks,
     G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, SCORE_BLOCK: tl.constexpr, EVICT_BLOCK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, SCORE_BLOCK: tl.constexpr, EVICT_BLOCK: tl.constexpr,
     SCORES: tl.constexpr, EVICT: tl.constexpr, POLICY: tl.constexpr, RECENT_RATIO: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -141,15 +151,15 @@ def _combine_kernel(
     Hkv = tl.num_programs(1)
     n = tl.minimum(tl.maximum(tl.load(n_ptr + b), 0), C)
 
-    offs_h = tl.arange(0, BLOCK_H)
+    offs_h = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < G
     hd_mask = h_mask[:, None] & (offs_d < D)[None, :]
 
     # Merge the splits this sequence used (the same count the split pass derived from n).
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     part0 = (b * Hkv + h) * S
     for split in range(0, tl.cdiv(n, split_len)):
         lse_s = tl.load(lse_part_ptr + (part0 + split) * G + offs_h, mask=h_mask, other=0.0)
@@ -210,23 +220,25 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
         k_new, v_new, pos, slot_pos, budget, policy, sinks, recent_ratio = step
         n_buf = torch.empty_like(lens)  # lens after the append, from the split pass to the combine pass
         scores_t = scores
-    meta = dict(G=G, D=D, S=S, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d(D))
+    meta = dict(G=G, D=D, S=S, BLOCK_D=block_d(D))
+    block_g = triton.next_power_of_2(G)
     _split_kernel[(B, Hkv, S)](
         q, k_cache, v_cache, lens, o_part, lse_part, logits,
         n_buf, k_new, v_new, pos, slot_pos, scores_t,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
         *k_new.stride()[:2], *v_new.stride()[:2], *slot_pos.stride(), *scores_t.stride(),
         C, scale * LOG2E, split_len,
-        BLOCK_N=BLOCK_N, APPEND=step is not None, SCORES=accumulate,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta,
+        BLOCK_H=max(16, block_g), BLOCK_N=BLOCK_N, APPEND=step is not None, SCORES=accumulate,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, num_warps=4, num_stages=2,
     )
     _combine_kernel[(B, Hkv)](
         o_part, lse_part, logits, n_buf, out,
         k_cache, v_cache, lens, slot_pos, scores_t, budget,
         *out.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores_t.stride(),
         C, split_len, sinks,
-        SCORE_BLOCK=SCORE_BLOCK, EVICT_BLOCK=EVICT_BLOCK, SCORES=accumulate, EVICT=step is not None,
-        POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta,
+        BLOCK_G=block_g, SCORE_BLOCK=min(8192 // block_g, max(16, triton.next_power_of_2(C))),
+        EVICT_BLOCK=evict_block(C), SCORES=accumulate, EVICT=step is not None,
+        POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta, num_warps=8,
     )
     return out
 

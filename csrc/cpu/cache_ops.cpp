@@ -22,7 +22,7 @@ void cache_append_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, cons
   int32_t* n = lens.data_ptr<int32_t>();
   const int32_t* p = pos.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "cache_append_cpu", [&] {
-    decode::for_each_head(s.B, s.Hkv, [&](int64_t b, int64_t h) {
+    decode::for_each_head(s.B, s.Hkv, 2 * s.D, [&](int64_t b, int64_t h) {
       const decode::HeadSlots<scalar_t> slots(k_cache, v_cache, slot_pos, scores, b, h);
       decode::append_token(slots, n[b], k_new.data_ptr<scalar_t>() + b * k_new.stride(0) + h * k_new.stride(1),
                            v_new.data_ptr<scalar_t>() + b * v_new.stride(0) + h * v_new.stride(1), p[b]);
@@ -43,7 +43,7 @@ void cache_evict_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const
   int32_t* n = lens.data_ptr<int32_t>();
   const int32_t* keep = budget.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "cache_evict_cpu", [&] {
-    decode::for_each_head(s.B, s.Hkv, [&](int64_t b, int64_t h) {
+    decode::for_each_head(s.B, s.Hkv, 2 * s.C, [&](int64_t b, int64_t h) {
       const decode::HeadSlots<scalar_t> slots(k_cache, v_cache, slot_pos, scores, b, h);
       decode::evict_head(slots, n[b], keep[b], rule, sinks, decode::recent_count(keep[b], recent_ratio));
     });

@@ -16,6 +16,10 @@
 namespace squeeze {
 namespace {
 
+using prefill::check_index;
+using prefill::check_packed;
+using prefill::checked_offsets;
+
 // The kept positions of an n-token prompt, all of them in ascending order: the head
 // [head_lo, head_hi), then the `heavy` highest-scoring positions of [head_hi, tail_lo), then
 // the tail [tail_lo, n).

@@ -176,24 +176,27 @@ inline void append_token(const HeadSlots<scalar_t>& s, int64_t slot, const scala
 
 // The G query heads q[0..G) (row stride q_stride) of one KV head attend over its first n slots:
 // out[g] = softmax(scale * q[g] . k_j) v_j. With `scores`, adds the probabilities summed over the G
-// heads to each slot's score. n = 0 gives zeros. `work` is scratch of at least G * (n + D) floats.
+// heads to each slot's score. n = 0 gives zeros. `work` is scratch, resized here.
 template <typename scalar_t>
 inline void attend_group(const HeadSlots<scalar_t>& s, int64_t n, const scalar_t* q, int64_t q_stride,
                          scalar_t* out, int64_t out_stride, int64_t G, float scale, bool scores,
                          std::vector<float>& work) {
   const int64_t D = s.D;
-  work.resize(G * (n + D) + 2 * D);
+  work.resize(G * (n + 2 * D) + D);
   float* p = work.data();            // [G, n] logits, then probabilities
   float* acc = p + G * n;            // [G, D] output accumulators
-  float* row = acc + G * D;          // one K or V row in float32
-  float* qf = row + D;               // one query head, pre-scaled
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t d = 0; d < D; ++d) qf[d] = scale * static_cast<float>(q[g * q_stride + d]);
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t* k = s.k + j * s.k_stride;
+  float* qf = acc + G * D;           // [G, D] query heads, pre-scaled, in float32
+  float* row = qf + G * D;           // one K or V row in float32
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) qf[g * D + d] = scale * static_cast<float>(q[g * q_stride + d]);
+  for (int64_t j = 0; j < n; ++j) {  // each K row is read once for the whole group
+    const scalar_t* k = s.k + j * s.k_stride;
+    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(k[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qf + g * D;
       float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qf[d] * static_cast<float>(k[d]);
+      for (int64_t d = 0; d < D; ++d) dot += qg[d] * row[d];
       p[g * n + j] = dot;
     }
   }
@@ -277,10 +280,13 @@ inline void evict_head(const HeadSlots<scalar_t>& s, int64_t n, int64_t keep, Po
   }
 }
 
-// Runs fn(b, h) for every (sequence, KV head) in parallel.
+// Runs fn(b, h) for every (sequence, KV head), in parallel once there is enough work: a decode
+// step of a small model is microseconds of work per layer, less than waking the thread pool.
+// `cost` estimates the elements one pair touches.
 template <typename Fn>
-inline void for_each_head(int64_t B, int64_t Hkv, const Fn& fn) {
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+inline void for_each_head(int64_t B, int64_t Hkv, int64_t cost, const Fn& fn) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(cost, 1));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) fn(i / Hkv, i % Hkv);
   });
 }

@@ -22,7 +22,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   const int64_t G = H / s.Hkv;
   const int32_t* n = lens.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "decode_attention_cpu", [&] {
-    decode::for_each_head(s.B, s.Hkv, [&](int64_t b, int64_t h) {
+    decode::for_each_head(s.B, s.Hkv, s.C * s.D * (G + 1), [&](int64_t b, int64_t h) {
       thread_local std::vector<float> work;
       const decode::HeadSlots<scalar_t> slots(k_cache, v_cache, at::Tensor(), score_t, b, h);
       const scalar_t* qg = q.data_ptr<scalar_t>() + b * q.stride(0) + h * G * q.stride(1);

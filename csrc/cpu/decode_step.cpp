@@ -30,7 +30,7 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k_new, const a
   const int32_t* p = pos.data_ptr<int32_t>();
   const int32_t* keep = budget.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "decode_step_cpu", [&] {
-    decode::for_each_head(s.B, s.Hkv, [&](int64_t b, int64_t h) {
+    decode::for_each_head(s.B, s.Hkv, s.C * s.D * (G + 1), [&](int64_t b, int64_t h) {
       thread_local std::vector<float> work;
       const decode::HeadSlots<scalar_t> slots(k_cache, v_cache, slot_pos, scores, b, h);
       decode::append_token(slots, n[b], k_new.data_ptr<scalar_t>() + b * k_new.stride(0) + h * k_new.stride(1),

@@ -1,7 +1,7 @@
 // prefill_attention on CPU: causal attention over packed variable-length sequences with
 // optional H2O / observation-window column scores.
 //
-// Pass 1 walks each (sequence, query head, block of queries) over the key blocks it sees with
+// Pass 1 walks each (sequence, KV head, block of queries) over the key blocks it sees with
 // an online softmax, so memory stays linear in tokens (a 32k prompt never needs a T x T
 // buffer). Pass 2, only when scores are asked for, walks each (sequence, KV head, block of
 // keys) over the queries at or after it, recomputes p = exp(scale q.k - lse) from pass 1's
@@ -22,13 +22,18 @@
 namespace squeeze {
 namespace {
 
-constexpr int64_t kQueryBlock = 32;
-constexpr int64_t kKeyBlock = 64;
+using prefill::check_packed;
+using prefill::checked_offsets;
+
+// Tiles are multiplied with at::mm (BLAS); they are large enough for its per-call cost to vanish.
+constexpr int64_t kQueryBlock = 64;   // pass 1: queries (times the group's heads) per work item
+constexpr int64_t kKeyBlock = 256;    // pass 1: keys per tile; pass 2: keys per work item
+constexpr int64_t kScoreQueries = 256;  // pass 2: queries (times the group's heads) per tile
 
 // A block [lo, hi) of the local positions of one sequence (tokens start .. start + seq_len),
-// for one head.
+// for one KV head and the query heads of its group.
 struct Item {
-  int64_t start, seq_len, lo, hi, head, cost;
+  int64_t start, seq_len, lo, hi, kv_head, cost;
 };
 
 // Runs fn on every item over the intra-op threads. Causal work is uneven (the last query
@@ -52,110 +57,70 @@ inline int64_t window_start(int64_t n, int64_t score_window) {
   return score_window == 0 ? 0 : std::max<int64_t>(n - score_window, 0);
 }
 
-// Rows of a packed [T, heads, D] tensor.
-template <typename scalar_t>
-struct Packed {
-  const scalar_t* data;
-  int64_t stride_t, stride_h;
-  const scalar_t* row(int64_t t, int64_t h) const { return data + t * stride_t + h * stride_h; }
-};
-
-// Keys [k0, k0 + nk) of KV head g, transposed into kt[d * kKeyBlock + j] so that the dot
-// products of one query with the whole block vectorise over j.
-template <typename scalar_t>
-void load_keys_t(const Packed<scalar_t>& k, int64_t t0, int64_t nk, int64_t g, int64_t D, float* kt) {
-  for (int64_t j = 0; j < nk; ++j) {
-    const scalar_t* row = k.row(t0 + j, g);
-    for (int64_t d = 0; d < D; ++d) kt[d * kKeyBlock + j] = static_cast<float>(row[d]);
-  }
+// Keys [t0, t0 + n) of KV head g of a packed float [T, Hkv, D] tensor: an [n, D] view.
+inline at::Tensor key_rows(const at::Tensor& packed, int64_t g, int64_t t0, int64_t n) {
+  return packed.select(1, g).narrow(0, t0, n);
 }
 
-// Queries [t0, t0 + nq) of head h, multiplied by the softmax scale.
-template <typename scalar_t>
-void load_queries(const Packed<scalar_t>& q, int64_t t0, int64_t nq, int64_t h, int64_t D, float scale, float* qf) {
-  for (int64_t i = 0; i < nq; ++i) {
-    const scalar_t* row = q.row(t0 + i, h);
-    for (int64_t d = 0; d < D; ++d) qf[i * D + d] = scale * static_cast<float>(row[d]);
-  }
+// The [n, group] (or [n, group, D]) slice of tokens [t0, t0 + n) and the query heads of KV
+// head g in a packed [T, H] (or [T, H, D]) tensor.
+inline at::Tensor group_slice(const at::Tensor& packed, int64_t g, int64_t group, int64_t t0, int64_t n) {
+  return packed.narrow(0, t0, n).narrow(1, g * group, group);
 }
 
-// s[j] = qrow . k_j for the first nk keys of a transposed key block.
-inline void dot_keys(const float* qrow, const float* kt, int64_t nk, int64_t D, float* s) {
-  std::fill(s, s + nk, 0.f);
-  for (int64_t d = 0; d < D; ++d) {
-    const float qd = qrow[d];
-    const float* kd = kt + d * kKeyBlock;
-    for (int64_t j = 0; j < nk; ++j) s[j] += qd * kd[j];
-  }
+// The local position of each row of a group tile: queries lo .. lo + n, each repeated for
+// the group's heads (the tiles stack the heads of a query next to each other).
+inline at::Tensor row_positions(int64_t lo, int64_t n, int64_t group) {
+  return at::arange(lo, lo + n, at::TensorOptions().dtype(at::kLong)).repeat_interleave(group);
 }
 
-// Pass 1 for one item: out and lse of queries [lo, hi) of head `head`.
-template <typename scalar_t>
-void attend(const Item& it, const Packed<scalar_t>& q, const Packed<scalar_t>& k, const Packed<scalar_t>& v,
-            int64_t H, int64_t group, int64_t D, float scale, scalar_t* out, float* lse) {
-  const int64_t nq = it.hi - it.lo, g = it.head / group;
-  std::vector<float> qf(nq * D), acc(nq * D, 0.f), kt(D * kKeyBlock), vf(kKeyBlock * D), s(kKeyBlock);
-  std::vector<float> m(nq, -std::numeric_limits<float>::infinity()), l(nq, 0.f);
-  load_queries(q, it.start + it.lo, nq, it.head, D, scale, qf.data());
+// True where key kb + j comes after the query of row i: the causal mask of a tile.
+inline at::Tensor after_query(const at::Tensor& query_pos, int64_t kb, int64_t nk) {
+  return at::arange(kb, kb + nk, query_pos.options()).unsqueeze(0) > query_pos.unsqueeze(1);
+}
+
+// Pass 1 for one item: out and lse of queries [lo, hi) of the group's heads, an online
+// softmax over key tiles (q, k, v float). The heads share every K/V tile.
+void attend(const Item& it, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t group,
+            double scale, const at::Tensor& out, const at::Tensor& lse) {
+  const int64_t nq = it.hi - it.lo, D = q.size(2), t0 = it.start + it.lo;
+  const at::Tensor q_tile = group_slice(q, it.kv_head, group, t0, nq).reshape({nq * group, D});
+  const at::Tensor query_pos = row_positions(it.lo, nq, group);
+  at::Tensor acc = at::zeros({nq * group, D}, q.options());
+  at::Tensor m = at::full({nq * group}, -std::numeric_limits<float>::infinity(), q.options());
+  at::Tensor l = at::zeros({nq * group}, q.options());
   for (int64_t kb = 0; kb < it.hi; kb += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, it.hi - kb);
-    load_keys_t(k, it.start + kb, nk, g, D, kt.data());
-    for (int64_t j = 0; j < nk; ++j) {
-      const scalar_t* row = v.row(it.start + kb + j, g);
-      for (int64_t d = 0; d < D; ++d) vf[j * D + d] = static_cast<float>(row[d]);
-    }
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t t = it.lo + i;
-      const int64_t seen = std::min(nk, t + 1 - kb);  // causal: keys kb .. t
-      if (seen <= 0) continue;
-      dot_keys(&qf[i * D], kt.data(), seen, D, s.data());
-      const float m_new = std::max(m[i], *std::max_element(s.begin(), s.begin() + seen));
-      const float alpha = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
-      float* a = &acc[i * D];
-      for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
-      float sum = 0.f;
-      for (int64_t j = 0; j < seen; ++j) {
-        const float p = std::exp(s[j] - m_new);
-        sum += p;
-        const float* vj = &vf[j * D];
-        for (int64_t d = 0; d < D; ++d) a[d] += p * vj[d];
-      }
-      l[i] = l[i] * alpha + sum;
-      m[i] = m_new;
-    }
+    at::Tensor s = at::mm(q_tile, key_rows(k, it.kv_head, it.start + kb, nk).t()).mul_(scale);
+    if (kb + nk - 1 > it.lo) s.masked_fill_(after_query(query_pos, kb, nk), -std::numeric_limits<float>::infinity());
+    // Every query sees key 0 in the first tile, so m_new is finite from there on.
+    const at::Tensor m_new = at::maximum(m, std::get<0>(s.max(1)));
+    const at::Tensor alpha = (m - m_new).exp_();  // 0 on the first tile (m = -inf)
+    s.sub_(m_new.unsqueeze(1)).exp_();
+    l.mul_(alpha).add_(s.sum(1));
+    acc.mul_(alpha.unsqueeze(1)).addmm_(s, key_rows(v, it.kv_head, it.start + kb, nk));
+    m = m_new;
   }
-  for (int64_t i = 0; i < nq; ++i) {
-    const int64_t t = it.start + it.lo + i;
-    scalar_t* o = out + (t * H + it.head) * D;
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[i * D + d] / l[i]);
-    lse[t * H + it.head] = m[i] + std::log(l[i]);
-  }
+  group_slice(out, it.kv_head, group, t0, nq).copy_(acc.div_(l.unsqueeze(1)).view({nq, group, D}));
+  group_slice(lse, it.kv_head, group, t0, nq).copy_(m.add_(l.log_()).view({nq, group}));
 }
 
-// Pass 2 for one item: column scores of keys [lo, hi) of KV head `head`, summed over the
+// Pass 2 for one item: column scores of keys [lo, hi) of KV head kv_head, summed over the
 // group's query heads and over the queries of the window at or after each key.
-template <typename scalar_t>
-void column_scores(const Item& it, int64_t score_window, const Packed<scalar_t>& q,
-                   const Packed<scalar_t>& k, const float* lse, int64_t H, int64_t Hkv, int64_t group, int64_t D,
-                   float scale, float* scores) {
-  const int64_t nk = it.hi - it.lo, seq_len = it.seq_len;
-  const int64_t q_first = window_start(seq_len, score_window);
-  std::vector<float> kt(D * kKeyBlock), qf(kQueryBlock * D), s(kKeyBlock), col(nk, 0.f);
-  load_keys_t(k, it.start + it.lo, nk, it.head, D, kt.data());
-  for (int64_t h = it.head * group; h < (it.head + 1) * group; ++h) {
-    for (int64_t qb = std::max(it.lo, q_first); qb < seq_len; qb += kQueryBlock) {
-      const int64_t nq = std::min(kQueryBlock, seq_len - qb);
-      load_queries(q, it.start + qb, nq, h, D, scale, qf.data());
-      for (int64_t i = 0; i < nq; ++i) {
-        const int64_t t = qb + i;
-        const int64_t seen = std::min(nk, t + 1 - it.lo);
-        dot_keys(&qf[i * D], kt.data(), seen, D, s.data());
-        const float row_lse = lse[(it.start + t) * H + h];
-        for (int64_t j = 0; j < seen; ++j) col[j] += std::exp(s[j] - row_lse);
-      }
-    }
+void column_scores(const Item& it, int64_t score_window, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& lse, int64_t group, double scale, const at::Tensor& scores) {
+  const int64_t nk = it.hi - it.lo, D = q.size(2);
+  const at::Tensor k_tile = key_rows(k, it.kv_head, it.start + it.lo, nk);
+  at::Tensor col = at::zeros({nk}, k.options());
+  for (int64_t qb = std::max(it.lo, window_start(it.seq_len, score_window)); qb < it.seq_len; qb += kScoreQueries) {
+    const int64_t nq = std::min(kScoreQueries, it.seq_len - qb);
+    const at::Tensor q_tile = group_slice(q, it.kv_head, group, it.start + qb, nq).reshape({nq * group, D});
+    const at::Tensor row_lse = group_slice(lse, it.kv_head, group, it.start + qb, nq).reshape({1, nq * group});
+    at::Tensor p = at::mm(k_tile, q_tile.t()).mul_(scale).sub_(row_lse).exp_();  // [key, query row]
+    if (it.hi - 1 > qb) p.masked_fill_(after_query(row_positions(qb, nq, group), it.lo, nk).t(), 0.f);
+    col.add_(p.sum(1));
   }
-  for (int64_t j = 0; j < nk; ++j) scores[(it.start + it.lo + j) * Hkv + it.head] = col[j];
+  scores.select(1, it.kv_head).narrow(0, it.start + it.lo, nk).copy_(col);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::Tensor& q, const at::Tensor& k,
@@ -189,40 +154,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::T
   auto lse = at::empty({T, H}, q.options().dtype(at::kFloat));
   auto scores = at::empty({score_window >= 0 ? T : 0, Hkv}, q.options().dtype(at::kFloat));
   const int64_t group = H / Hkv;
-  const float fscale = static_cast<float>(scale);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "prefill_attention_cpu", [&] {
-    const Packed<scalar_t> qp{q.data_ptr<scalar_t>(), q.stride(0), q.stride(1)};
-    const Packed<scalar_t> kp{k.data_ptr<scalar_t>(), k.stride(0), k.stride(1)};
-    const Packed<scalar_t> vp{v.data_ptr<scalar_t>(), v.stride(0), v.stride(1)};
-    float* lse_ptr = lse.data_ptr<float>();
-
-    std::vector<Item> items;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t n = cu[b + 1] - cu[b];
-      for (int64_t lo = 0; lo < n; lo += kQueryBlock) {
-        const int64_t hi = std::min(lo + kQueryBlock, n);
-        for (int64_t h = 0; h < H; ++h) items.push_back({cu[b], n, lo, hi, h, hi});
-      }
+  // The tiles are multiplied in float: half-precision inputs are converted once (linear memory).
+  const at::Tensor qf = q.to(at::kFloat), kf = k.to(at::kFloat), vf = v.to(at::kFloat);
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = cu[b + 1] - cu[b];
+    for (int64_t lo = 0; lo < n; lo += kQueryBlock) {
+      const int64_t hi = std::min(lo + kQueryBlock, n);
+      for (int64_t g = 0; g < Hkv; ++g) items.push_back({cu[b], n, lo, hi, g, hi});
     }
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
-    for_each_item(items, [&](const Item& it) { attend(it, qp, kp, vp, H, group, D, fscale, out_ptr, lse_ptr); });
+  }
+  for_each_item(items, [&](const Item& it) { attend(it, qf, kf, vf, group, scale, out, lse); });
+  if (score_window < 0) return {out, lse, scores};
 
-    if (score_window < 0) return;
-    items.clear();
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t n = cu[b + 1] - cu[b];
-      const int64_t q_first = window_start(n, score_window);
-      for (int64_t lo = 0; lo < n; lo += kKeyBlock) {
-        const int64_t hi = std::min(lo + kKeyBlock, n);
-        for (int64_t g = 0; g < Hkv; ++g) items.push_back({cu[b], n, lo, hi, g, n - std::max(lo, q_first)});
-      }
+  items.clear();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = cu[b + 1] - cu[b], q_first = window_start(n, score_window);
+    for (int64_t lo = 0; lo < n; lo += kKeyBlock) {
+      const int64_t hi = std::min(lo + kKeyBlock, n);
+      for (int64_t g = 0; g < Hkv; ++g) items.push_back({cu[b], n, lo, hi, g, n - std::max(lo, q_first)});
     }
-    float* scores_ptr = scores.data_ptr<float>();
-    for_each_item(items, [&](const Item& it) {
-      column_scores(it, score_window, qp, kp, lse_ptr, H, Hkv, group, D, fscale, scores_ptr);
-    });
-  });
+  }
+  for_each_item(items, [&](const Item& it) { column_scores(it, score_window, qf, kf, lse, group, scale, scores); });
   return {out, lse, scores};
 }
 

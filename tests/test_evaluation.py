@@ -1,0 +1,67 @@
+"""The evaluation's plumbing without the model: text extraction, windows, the grid, the
+summary over windows and the verdicts on the paper's claims."""
+import io
+import tarfile
+
+import torch
+
+from squeeze_ops import evaluation as ev
+
+
+def test_botchan_body_is_cut_between_the_gutenberg_markers(tmp_path):
+    raw = ("\ufeffHeader line\r\n*** START OF THIS PROJECT GUTENBERG EBOOK BOTCHAN ***\r\n"
+           "Chapter I\r\nBody text.\r\n*** END OF THIS PROJECT GUTENBERG EBOOK BOTCHAN ***\r\nLicense\r\n")
+    data = raw.encode("utf-8")
+    with tarfile.open(tmp_path / "sentencepiece-0.2.1.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("sentencepiece-0.2.1/test/botchan.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert ev.botchan_text(str(tmp_path)) == "Chapter I\nBody text.\n"
+
+
+def test_pydoc_topics_need_no_download():
+    assert len(ev.pydoc_topics_text()) > 100_000
+
+
+def test_windows_are_fixed_and_evenly_spread():
+    ids = torch.arange(1000)
+    wins = ev.windows(ids, 100, 20, 4)
+    starts = [int(p[0]) for p, _ in wins]
+    assert starts == [int((i + 0.5) * 880 / 4) for i in range(4)]
+    for prompt, cont in wins:
+        assert len(prompt) == 100 and len(cont) == 20 and int(cont[0]) == int(prompt[-1]) + 1
+    assert [int(p[0]) for p, _ in ev.windows(ids, 100, 20, 1)] == [440]
+
+
+def test_grid_is_the_eval_grid():
+    cells = ev.grid()
+    assert len(cells) == 3 * 4 * 4
+    assert {c.allocation for c in cells} == {"uniform", "squeeze p=0.3", "squeeze p=0.5", "squeeze p=0.7"}
+    assert ev.Cell("h2o", 0.2, 1.0).settings().is_uniform
+
+
+def _result(deltas, full=3.0):
+    """A WindowResult whose cells have NLL full + delta on every token."""
+    g = 4
+    res = ev.WindowResult(torch.full((g,), full), torch.zeros(g, dtype=torch.long), {}, {}, {}, None, None, {})
+    for cell, d in deltas.items():
+        res.nll[cell] = torch.full((g,), full + d)
+        res.top1[cell] = torch.tensor([0, 0, 1, 1]) if d else torch.zeros(g, dtype=torch.long)
+        res.kept[cell] = cell.fraction
+    return res
+
+
+def test_summary_and_claims_follow_the_numbers():
+    cells = ev.grid(policies=("h2o",), fractions=(0.2, 0.3), ps=(0.5,))
+    squeeze_wins = {c: (0.1 if c.p == 1.0 else 0.05) * (2 if c.fraction == 0.2 else 1) for c in cells}
+    summary = ev.summarize([_result(squeeze_wins), _result(squeeze_wins)])
+    assert abs(summary.delta[ev.Cell("h2o", 0.2, 0.5)] - 0.1) < 1e-6 and summary.delta_se[cells[0]] == 0
+    assert summary.agree[cells[0]] == 0.5
+    text = "\n".join(ev.claims(summary))
+    assert "squeeze better in 2/2 cells" in text and "CONFIRMED on this model: the best p" in text
+    assert "NOT CONFIRMED" not in text  # squeeze@20% (+0.1) <= uniform@30% (+0.1)
+    uniform_wins = {c: (0.05 if c.p == 1.0 else 0.3) for c in cells}
+    text = "\n".join(ev.claims(ev.summarize([_result(uniform_wins)])))
+    assert "squeeze better in 0/2 cells" in text and text.count("NOT CONFIRMED") == 2
+    table = ev.quality_table(summary)
+    assert "| h2o(recent 0.5, 0 sinks) | 0.2 | +0.200 ± 0.000 | 50.0% | +0.100 ± 0.000 | 50.0% |" in table
