@@ -160,10 +160,10 @@ def diagnose(plan, capacity, allocator=None, *, sequences=None, waste_tolerance=
     allocator: the plan's allocator; groups are judged only for one that uses them (Squeeze
         with p != 1; None counts as one).
     sequences: the names of the plan's rows in the messages (default 0..B-1).
-    Warns (warnings.warn, UserWarning) per sequence when the nominal total exceeds the effective
-    one by more than waste_tolerance (budget no layer can hold), and when one group holds more
-    than group_tolerance of the layers (the squeeze degenerates: nearly every layer squeezed, or
-    nearly none).
+    Warns (warnings.warn, UserWarning; one warning per kind, naming the sequences) when a
+    sequence's nominal total exceeds its effective one by more than waste_tolerance (budget no
+    layer can hold), and when one group holds more than group_tolerance of a sequence's layers
+    (the squeeze degenerates: nearly every layer squeezed, or nearly none).
     """
     budgets = plan.budgets.cpu()
     B, L = budgets.shape
@@ -177,18 +177,23 @@ def diagnose(plan, capacity, allocator=None, *, sequences=None, waste_tolerance=
     grouped = allocator is None or allocator.uses_groups
     names = list(range(B)) if sequences is None else list(sequences)
     messages = []
-    for b, name in enumerate(names):
-        if waste[b] > waste_tolerance:
-            over = [layer for layer in range(L) if budgets[b, layer] > capacity[b]]
-            messages.append(
-                f"sequence {name}: {100 * waste[b]:.1f}% of the budget is wasted: layers {over} were given more "
-                f"tokens than they can hold ({int(capacity[b])}); an allocator that redistributes "
-                f"(Squeeze(clamp=True), Continuous, Pyramid, Calibrated) uses it")
-        if grouped and largest[b] > group_tolerance:
-            g = int(sizes[b].argmax())
-            messages.append(
-                f"sequence {name}: degenerate grouping: group G{g + 1} holds {int(sizes[b, g])} of {L} layers "
-                f"(> {100 * group_tolerance:.0f}%), so the squeeze acts on nearly all layers or nearly none")
+    wasteful = [b for b in range(B) if waste[b] > waste_tolerance]
+    if wasteful:
+        b = max(wasteful, key=lambda i: waste[i])
+        over = [layer for layer in range(L) if budgets[b, layer] > capacity[b]]
+        messages.append(
+            f"wasted budget in sequences {[names[i] for i in wasteful]}: up to {100 * waste[b]:.1f}% of the "
+            f"budget can never be used (sequence {names[b]}: layers {over} were given more tokens than they can "
+            f"hold, {int(capacity[b])}); an allocator that redistributes (Squeeze(clamp=True), Continuous, "
+            f"Pyramid, Calibrated) uses it")
+    degenerate = [b for b in range(B) if grouped and largest[b] > group_tolerance]
+    if degenerate:
+        b = max(degenerate, key=lambda i: largest[i])
+        g = int(sizes[b].argmax())
+        messages.append(
+            f"degenerate grouping in sequences {[names[i] for i in degenerate]}: one group holds more than "
+            f"{100 * group_tolerance:.0f}% of the layers (sequence {names[b]}: G{g + 1} holds {int(sizes[b, g])} "
+            f"of {L}), so the squeeze acts on nearly all layers or nearly none")
     if warn:
         for message in messages:
             warnings.warn(message, stacklevel=2)

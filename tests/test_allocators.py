@@ -205,10 +205,14 @@ def test_diagnostics_warn_on_a_degenerate_profile():
     plan = allocate(cos_sum, lens, Squeeze(0.3), b_init=0.5, capacity=cap)
     with pytest.warns(UserWarning) as record:
         diag = diagnose(plan, cap, Squeeze(0.3))
-    assert sorted(str(w.message).split(": ")[1].split(" ")[0] for w in record) == ["51.3%", "degenerate"]
+    assert sorted(str(w.message).split(" ")[0] for w in record) == ["degenerate", "wasted"]
+    assert "up to 51.3%" in diag.messages[0] and "G3 holds 27 of 30" in diag.messages[1]
     assert diag.group_sizes[0][2] == 27 and diag.largest_group[0] == 0.9
     assert diag.effective[0] == [min(b, 72) for b in diag.nominal[0]] and diag.waste[0] > 0.03
     assert "| 0 |" in diag.table()
+    pair = allocate(cos_sum.expand(30, 2).contiguous(), lens.expand(2), Squeeze(0.3), b_init=0.5, capacity=cap.expand(2))
+    messages = diagnose(pair, cap, Squeeze(0.3), sequences=[3, 7], warn=False).messages
+    assert len(messages) == 2 and all("sequences [3, 7]" in m for m in messages)
     fixed = allocate(cos_sum, lens, Continuous(), b_init=0.5, capacity=cap)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
