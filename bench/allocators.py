@@ -285,10 +285,10 @@ def main(argv=None):
                           for pol in policies) + ".", "",
               "| policy | family | candidates |", "|---|---|---|"]
     for pol, fam, rows in tuning_rows:
-        text = "; ".join((f"**{a.describe()}: {s:+.4f}**" if kept else f"{a.describe()}: {s:+.4f}") for a, s, kept in rows)
-        lines.append(f"| {pol} | {fam} | {text} |")
+        shown = [f"**{a.describe()}: {s:+.4f}**" if kept else f"{a.describe()}: {s:+.4f}" for a, s, kept in rows]
+        lines.append(f"| {pol} | {fam} | {'; '.join(shown)} |")
     lines += ["", "## Diagnostics on the first held-out window", ""]
-    lines += diagnostics_section(runner, test_windows[0][0], G, chosen, profiles)
+    lines += diagnostics_section(runner, test_windows[0][0], G, chosen)
     lines += ["", "## Calibration profiles", "",
               "NLL increase (nats/token) when only layer l keeps the given fraction of the prompt; the 8 most "
               "sensitive layers per policy at the smallest fraction:", ""]
@@ -296,9 +296,9 @@ def main(argv=None):
         prof = profiles[pol]
         row = prof.values[0]
         top = sorted(range(prof.num_layers), key=lambda layer: -row[layer])[:8]
+        sums = ", ".join(f"{f:g}: {sum(r):+.3f}" for f, r in zip(prof.budgets, prof.values))
         lines.append(f"- {pol} ({prof.policy}) at f = {prof.budgets[0]:g}: "
-                     + ", ".join(f"L{layer} {row[layer]:+.4f}" for layer in top)
-                     + f"; sum over layers at f = {', '.join(f'{f:g}: {sum(r):+.3f}' for f, r in zip(prof.budgets, prof.values))}")
+                     + ", ".join(f"L{layer} {row[layer]:+.4f}" for layer in top) + f"; sum over layers at f = {sums}")
     lines.append("")
     text = "\n".join(lines)
     dirs = [RESULTS_DIR] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
@@ -346,7 +346,7 @@ def targets(best_by_cell, tested, chosen, policies):
     return out
 
 
-def diagnostics_section(runner, prompt, gen, chosen, profiles):
+def diagnostics_section(runner, prompt, gen, chosen):
     """Similarity profile, groups and budgets (nominal / effective) of every kept allocator at 20%
     on one window, with the planner's warnings."""
     record, _ = runner.prefill([prompt], scores=False)

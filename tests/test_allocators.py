@@ -210,7 +210,8 @@ def test_diagnostics_warn_on_a_degenerate_profile():
     assert diag.group_sizes[0][2] == 27 and diag.largest_group[0] == 0.9
     assert diag.effective[0] == [min(b, 72) for b in diag.nominal[0]] and diag.waste[0] > 0.03
     assert "| 0 |" in diag.table()
-    pair = allocate(cos_sum.expand(30, 2).contiguous(), lens.expand(2), Squeeze(0.3), b_init=0.5, capacity=cap.expand(2))
+    pair = allocate(cos_sum.expand(30, 2).contiguous(), lens.expand(2), Squeeze(0.3), b_init=0.5,
+                    capacity=cap.expand(2))
     messages = diagnose(pair, cap, Squeeze(0.3), sequences=[3, 7], warn=False).messages
     assert len(messages) == 2 and all("sequences [3, 7]" in m for m in messages)
     fixed = allocate(cos_sum, lens, Continuous(), b_init=0.5, capacity=cap)
@@ -261,8 +262,9 @@ def test_engine_runs_any_allocator_per_sequence():
                         capacity=torch.tensor(lens)[src] + 4, min_budget=2)
         assert torch.equal(cache.budgets[row], plan.budgets[0])
     assert cache.budgets[0].sum() == cache.budgets[1].sum() == L * 9
+    prompts = torch.tensor(lens)[[0, 0, 1]]
     for layer in range(L):
-        assert torch.equal(cache.lens[layer][:3], torch.minimum(cache.budgets[:3, layer], torch.tensor(lens)[[0, 0, 1]]))
+        assert torch.equal(cache.lens[layer][:3], torch.minimum(cache.budgets[:3, layer], prompts))
     assert SqueezeSettings(b_init=0.3, allocator=Uniform()).is_uniform
     assert "continuous" in settings[0].describe()
     with pytest.raises(ValueError, match="allocator"):
