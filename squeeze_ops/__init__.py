@@ -8,7 +8,7 @@ specification of each op.
 from . import _library  # noqa: F401  (registers torch.ops.squeeze.*)
 from . import ops, reference  # noqa: F401
 from .ops import *  # noqa: F401,F403
-from .planner import BudgetPlan, plan_budgets  # noqa: F401
+from .planner import BudgetPlan, allocate, diagnose, plan_budgets  # noqa: F401
 
 __version__ = "0.1.0"
 from .cache import MemoryReport, PrefillRecord, SqueezeKVCache  # noqa: E402,F401

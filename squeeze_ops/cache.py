@@ -5,7 +5,8 @@ prefill to per-layer compressed caches, and the decode steps over them.
         prefill_attention (+ H2O column scores)   ->      keys[l], values[l], scores[l]
         add_rmsnorm_cossim (attention epilogue)   ->      cos_sum[l, b] += sum_t cos(x_in, x_mid)
     SqueezeKVCache.build(record, policy, settings):
-        plan_budgets(cos_sum)                     ->      budgets [B, L] (one host read: capacities)
+        allocate(cos_sum, settings.strategy)      ->      budgets [B, L] (one host read: capacities,
+                                                          diagnostics warn on wasted budget)
         one allocation, carved into per-layer caches of capacity C_l = max_b budget[b, l] + 1
         compress_kv_ per layer                    ->      the tokens the policy keeps
     per decode token, per layer: SqueezeKVCache.attend -> decode_step_ (append, attend, evict)
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .planner import plan_budgets
+from .planner import allocate, diagnose
 from .policies import SequencePolicy, SqueezeSettings
 
 
@@ -252,26 +253,32 @@ class SqueezeKVCache:
 
 def _plan(record, source, settings, prompt_lens, horizon, policy):
     """Budgets [B, L] per sequence by its settings; sequences sharing settings are planned in
-    one planner call. The full cache (settings None) keeps T_b + max_new_tokens everywhere."""
+    one planner call, whose diagnostics warn when it wastes budget or degenerates. The full
+    cache (settings None) keeps T_b + max_new_tokens everywhere."""
     batch, num_layers = len(source), record.num_layers
     device = record.cos_sum.device
     cos_sum = record.cos_sum[:, source]
     similarity = record.similarity[source]
     planned = horizon[:, None].expand(batch, num_layers).contiguous()
     labels = torch.full((batch, num_layers), -1, dtype=torch.int32, device=device)
-    ks = [s.k for s in settings if s is not None]
-    centroids = torch.full((batch, max(ks, default=1)), float("nan"), dtype=torch.float32, device=device)
+    plans = []
     for setting in dict.fromkeys(s for s in settings if s is not None):
         if not isinstance(setting, SqueezeSettings):
             raise TypeError(f"settings: expected SqueezeSettings or None, got {type(setting).__name__}")
-        rows = torch.tensor([i for i, s in enumerate(settings) if s == setting], device=device)
-        budgets, lab, cen, _ = plan_budgets(
-            cos_sum[:, rows].contiguous(), prompt_lens[rows], b_init=setting.b_init,
-            base_tokens=setting.base_tokens, p=setting.p, k=setting.k, min_budget=policy.min_budget,
+        members = [i for i, s in enumerate(settings) if s == setting]
+        rows = torch.tensor(members, device=device)
+        plan = allocate(
+            cos_sum[:, rows].contiguous(), prompt_lens[rows], setting.strategy, b_init=setting.b_init,
+            base_tokens=setting.base_tokens, capacity=horizon[rows], min_budget=policy.min_budget,
             max_budget=horizon[rows] if setting.clamp else None)
-        planned[rows] = budgets.to(torch.int32)
-        labels[rows] = lab.to(torch.int32)
-        centroids[rows, : setting.k] = cen
+        diagnose(plan, horizon[rows], setting.strategy, sequences=members)
+        planned[rows] = plan.budgets.to(torch.int32)
+        labels[rows] = plan.labels.to(torch.int32)
+        plans.append((rows, plan.centroids))
+    width = max((c.shape[1] for _, c in plans), default=1)
+    centroids = torch.full((batch, width), float("nan"), dtype=torch.float32, device=device)
+    for rows, cen in plans:
+        centroids[rows, : cen.shape[1]] = cen
     return planned, (similarity, labels, centroids)
 
 

@@ -7,17 +7,28 @@ Engine flow for one batch of requests:
         h = squeeze_ops.add_rmsnorm_cossim(residual, attn_out, w_post_attn_norm[l],
                                            cu_seqlens, cos_sum[l], eps)
         ...
-    plan = plan_budgets(cos_sum, prompt_lens, b_init=0.2, p=0.35)
+    plan = allocate(cos_sum, prompt_lens, Squeeze(p=0.35), b_init=0.2, capacity=prompt_lens + G)
     # layer l of sequence b keeps plan.budgets[b, l] tokens
+`allocate` is the one entry point; the allocator (squeeze_ops.allocators) decides how the
+total is spread: the authors' formula by default, or one that redistributes, follows the
+similarity continuously, ramps like PyramidKV or follows a calibrated sensitivity profile.
 Everything stays on the device: no host synchronisation, so the planning can sit inside a
-captured CUDA graph or a torch.compile(fullgraph=True) region.
+captured CUDA graph or a torch.compile(fullgraph=True) region. `diagnose(plan, capacity)`
+reads a plan back (profile, groups, nominal vs effective budgets) and warns when it wastes
+budget or its grouping degenerates.
 """
+import warnings
+from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from . import _meta
-from .ops import layer_budgets
+from .allocators import Request, Squeeze
+
+# Diagnostics thresholds: budget given beyond what layers can hold, share of layers in one group.
+WASTE_TOLERANCE = 0.03
+GROUP_TOLERANCE = 0.75
 
 
 class BudgetPlan(NamedTuple):
@@ -25,6 +36,63 @@ class BudgetPlan(NamedTuple):
     labels: torch.Tensor  # int32 [B, L]: group of each layer, 0 = least similar (most important)
     centroids: torch.Tensor  # fp32 [B, k]: mean similarity of each group (NaN: empty group)
     similarity: torch.Tensor  # fp32 [B, L]: mean cosine similarity of each layer
+
+
+def allocate(
+    cos_sum: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    allocator=Squeeze(),
+    *,
+    b_init: Optional[float] = None,
+    base_tokens: Union[float, torch.Tensor, None] = None,
+    capacity: Optional[torch.Tensor] = None,
+    min_budget: int = 1,
+    max_budget: Union[int, torch.Tensor, None] = None,
+) -> BudgetPlan:
+    """Per-layer budgets of every sequence from the similarity sums of its prompt, by any
+    allocator of squeeze_ops.allocators (default: the authors' formula, Squeeze()).
+
+    cos_sum: fp32 [L, B], row l as accumulated by add_rmsnorm_cossim / add_cossim of layer l
+        over the whole prompt (so cos_sum[l] is the contiguous [B] buffer that layer's call takes).
+    prompt_lens: integer [B], prompt tokens of each sequence (the count behind each sum).
+    similarity[b, l] = cos_sum[l, b] / prompt_lens[b] (0 for an empty prompt).
+    Base budget per layer in tokens, exactly one of:
+        b_init: fraction of the prompt, base = b_init * prompt_lens (BASE = prompt length, as in
+            the authors' Llama code), computed in float64;
+        base_tokens: tokens, a number or [B] tensor (e.g. b_init * 8000 for their Mistral code).
+    capacity: integer [B], tokens one layer of each sequence can hold (prompt + tokens to
+        generate; default the prompt): the cap of the allocators that redistribute.
+    min_budget: smallest budget of any layer (the policy's guard: sinks + 1, 2 for H2O).
+    max_budget: number or int32 [B], optional hard cap applied last (no redistribution).
+    Returns a BudgetPlan (budgets int32 [B, L], labels, centroids, similarity), all on cos_sum's
+    device, without reading anything back to the host.
+    """
+    _meta.check_dtype(cos_sum, torch.float32, "cos_sum")
+    _meta.check_rank(cos_sum, 2, "cos_sum")
+    B = cos_sum.shape[1]
+    _check_lengths(prompt_lens, B, cos_sum, "prompt_lens")
+    _meta.check((b_init is None) != (base_tokens is None), "b_init, base_tokens: pass exactly one of them")
+    _meta.check(callable(getattr(allocator, "allocate", None)),
+                f"allocator: expected an allocator of squeeze_ops.allocators, got {type(allocator).__name__}")
+    if capacity is None:
+        capacity = prompt_lens
+    _check_lengths(capacity, B, cos_sum, "capacity")
+
+    similarity = (cos_sum / prompt_lens.clamp_min(1).to(torch.float32)).t().contiguous()
+    if b_init is not None:
+        _meta.check(b_init >= 0, f"b_init: expected b_init >= 0, got {b_init}")
+        base = (prompt_lens.to(torch.float64) * b_init).to(torch.float32)
+    elif isinstance(base_tokens, torch.Tensor):
+        base = base_tokens.to(torch.float32)
+    else:
+        base = torch.full((B,), float(base_tokens), dtype=torch.float32, device=cos_sum.device)
+    request = Request(similarity, base, prompt_lens, capacity, min_budget)
+    budgets, labels, centroids = allocator.allocate(request)
+    if max_budget is not None:
+        if not isinstance(max_budget, torch.Tensor):
+            max_budget = torch.full((B,), int(max_budget), dtype=torch.int32, device=cos_sum.device)
+        budgets = torch.minimum(budgets, max_budget.to(budgets.dtype)[:, None])
+    return BudgetPlan(budgets, labels, centroids, similarity)
 
 
 def plan_budgets(
@@ -38,38 +106,91 @@ def plan_budgets(
     min_budget: int = 1,
     max_budget: Union[int, torch.Tensor, None] = None,
 ) -> BudgetPlan:
-    """Per-layer budgets of every sequence from the similarity sums of its prompt.
+    """The authors' formula: allocate(cos_sum, prompt_lens, Squeeze(p, k), ...).
 
-    cos_sum: fp32 [L, B], row l as accumulated by add_rmsnorm_cossim / add_cossim of layer l
-        over the whole prompt (so cos_sum[l] is the contiguous [B] buffer that layer's call takes).
-    prompt_lens: integer [B], prompt tokens of each sequence (the count behind each sum).
-    similarity[b, l] = cos_sum[l, b] / prompt_lens[b] (0 for an empty prompt).
-    Base budget per layer in tokens, exactly one of:
-        b_init: fraction of the prompt, base = b_init * prompt_lens (BASE = prompt length, as in
-            the authors' Llama code), computed in float64;
-        base_tokens: tokens, a number or [B] tensor (e.g. b_init * 8000 for their Mistral code).
     p (> 0; p = 1 is the uniform baseline), k, min_budget, max_budget (number or int32 [B]):
-        as in layer_budgets.
-    Returns a BudgetPlan (budgets, labels, centroids, similarity), all on cos_sum's device.
+    as in layer_budgets; the other arguments as in allocate.
     """
-    _meta.check_dtype(cos_sum, torch.float32, "cos_sum")
-    _meta.check_rank(cos_sum, 2, "cos_sum")
-    B = cos_sum.shape[1]
-    _meta.check(not prompt_lens.is_floating_point() and not prompt_lens.is_complex()
-                and prompt_lens.dtype != torch.bool,
-                f"prompt_lens: expected an integer dtype, got {prompt_lens.dtype}")
-    _meta.check(prompt_lens.shape == (B,), f"prompt_lens: expected shape ({B},) (sequences of "
-                f"cos_sum [L, B]), got {tuple(prompt_lens.shape)}")
-    _meta.check_device(prompt_lens, cos_sum, "prompt_lens", "cos_sum")
-    _meta.check((b_init is None) != (base_tokens is None), "b_init, base_tokens: pass exactly one of them")
+    return allocate(cos_sum, prompt_lens, Squeeze(p, k), b_init=b_init, base_tokens=base_tokens,
+                    min_budget=min_budget, max_budget=max_budget)
 
-    similarity = (cos_sum / prompt_lens.clamp_min(1).to(torch.float32)).t().contiguous()
-    if b_init is not None:
-        _meta.check(b_init >= 0, f"b_init: expected b_init >= 0, got {b_init}")
-        base = (prompt_lens.to(torch.float64) * b_init).to(torch.float32)
-    elif isinstance(base_tokens, torch.Tensor):
-        base = base_tokens.to(torch.float32)
-    else:
-        base = base_tokens
-    budgets, labels, centroids = layer_budgets(similarity, base, p, k, min_budget, max_budget)
-    return BudgetPlan(budgets, labels, centroids, similarity)
+
+def _check_lengths(lengths, B, cos_sum, name):
+    _meta.check(not lengths.is_floating_point() and not lengths.is_complex() and lengths.dtype != torch.bool,
+                f"{name}: expected an integer dtype, got {lengths.dtype}")
+    _meta.check(lengths.shape == (B,), f"{name}: expected shape ({B},) (sequences of cos_sum [L, B]), "
+                f"got {tuple(lengths.shape)}")
+    _meta.check_device(lengths, cos_sum, name, "cos_sum")
+
+
+@dataclass
+class Diagnostics:
+    """What a plan does with its budget, per sequence (host data; see `diagnose`).
+
+    similarity [B][L], labels [B][L] (group of each layer, 0 = most important),
+    group_sizes [B][k], nominal [B][L] (the plan's budgets), effective [B][L]
+    (min(nominal, capacity): what a layer can actually hold), waste [B] (share of the nominal
+    total that no layer can hold), largest_group [B] (share of the layers in the largest
+    group), messages: the warnings raised.
+    """
+
+    similarity: list
+    labels: list
+    group_sizes: list
+    nominal: list
+    effective: list
+    waste: list
+    largest_group: list
+    messages: list
+
+    def table(self, b=0):
+        """Markdown: per layer of sequence b its similarity, group, nominal and effective budget."""
+        lines = ["| layer | similarity | group | nominal | effective |", "|---|---|---|---|---|"]
+        for layer, sim in enumerate(self.similarity[b]):
+            lines.append(f"| {layer} | {sim:.4f} | G{self.labels[b][layer] + 1} | {self.nominal[b][layer]} | "
+                         f"{self.effective[b][layer]} |")
+        return "\n".join(lines)
+
+
+def diagnose(plan, capacity, allocator=None, *, sequences=None, waste_tolerance=WASTE_TOLERANCE,
+             group_tolerance=GROUP_TOLERANCE, warn=True) -> Diagnostics:
+    """Diagnostics of a BudgetPlan (reads it back to the host: not for the decode path).
+
+    capacity: integer [B] or a number, tokens one layer can hold (prompt + tokens to generate).
+    allocator: the plan's allocator; groups are judged only for one that uses them (Squeeze
+        with p != 1; None counts as one).
+    sequences: the names of the plan's rows in the messages (default 0..B-1).
+    Warns (warnings.warn, UserWarning) per sequence when the nominal total exceeds the effective
+    one by more than waste_tolerance (budget no layer can hold), and when one group holds more
+    than group_tolerance of the layers (the squeeze degenerates: nearly every layer squeezed, or
+    nearly none).
+    """
+    budgets = plan.budgets.cpu()
+    B, L = budgets.shape
+    capacity = torch.as_tensor(capacity).cpu().expand(B)
+    effective = torch.minimum(budgets, capacity[:, None].to(budgets.dtype))
+    labels = plan.labels.cpu()
+    k = plan.centroids.shape[1]
+    sizes = torch.stack([(labels == g).sum(1) for g in range(k)], 1)
+    waste = (1 - effective.sum(1).double() / budgets.sum(1).double().clamp_min(1)).tolist()
+    largest = (sizes.max(1).values.double() / L).tolist()
+    grouped = allocator is None or allocator.uses_groups
+    names = list(range(B)) if sequences is None else list(sequences)
+    messages = []
+    for b, name in enumerate(names):
+        if waste[b] > waste_tolerance:
+            over = [layer for layer in range(L) if budgets[b, layer] > capacity[b]]
+            messages.append(
+                f"sequence {name}: {100 * waste[b]:.1f}% of the budget is wasted: layers {over} were given more "
+                f"tokens than they can hold ({int(capacity[b])}); an allocator that redistributes "
+                f"(Squeeze(clamp=True), Continuous, Pyramid, Calibrated) uses it")
+        if grouped and largest[b] > group_tolerance:
+            g = int(sizes[b].argmax())
+            messages.append(
+                f"sequence {name}: degenerate grouping: group G{g + 1} holds {int(sizes[b, g])} of {L} layers "
+                f"(> {100 * group_tolerance:.0f}%), so the squeeze acts on nearly all layers or nearly none")
+    if warn:
+        for message in messages:
+            warnings.warn(message, stacklevel=2)
+    return Diagnostics(plan.similarity.cpu().tolist(), labels.tolist(), sizes.tolist(), budgets.tolist(),
+                       effective.tolist(), waste, largest, messages)

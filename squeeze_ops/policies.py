@@ -5,10 +5,13 @@
   gathered at prefill (every prompt query, or an observation window of the last W queries).
 - `SqueezeSettings`: how the total budget is spread over the layers (SqueezeAttention):
   a uniform base budget `b_init * T` (or `base_tokens` given directly), the squeeze factor
-  `p` applied to the least important of `k` layer groups, and an optional clamp.
+  `p` applied to the least important of `k` layer groups, and an optional clamp; or any
+  allocator of squeeze_ops.allocators in place of that formula.
   `p = 1` is the uniform baseline. `None` in place of settings means the full cache.
 """
 from dataclasses import dataclass
+
+from .allocators import Squeeze, Uniform
 
 POLICY_KINDS = ("window", "streaming", "h2o")
 
@@ -83,6 +86,9 @@ class SqueezeSettings:
     k:           number of layer groups found by 1-D K-Means on the similarity profile.
     clamp:       cap every layer's budget at T + the tokens still to generate (a layer
                  cannot hold more); the authors' code does not clamp (default off).
+    allocator:   an allocator of squeeze_ops.allocators (Squeeze(clamp=True), Continuous,
+                 Pyramid, Calibrated, ...) in place of the formula; p and k then stay at
+                 their defaults (they belong to the allocator). None: Squeeze(p, k).
     """
 
     b_init: float | None = None
@@ -90,6 +96,7 @@ class SqueezeSettings:
     p: float = 1.0
     k: int = 3
     clamp: bool = False
+    allocator: object = None
 
     def __post_init__(self):
         if (self.b_init is None) == (self.base_tokens is None):
@@ -102,6 +109,8 @@ class SqueezeSettings:
             raise ValueError(f"p: expected a value in (0, 1], got {self.p}")
         if self.k < 1:
             raise ValueError(f"k: expected >= 1, got {self.k}")
+        if self.allocator is not None and (self.p != 1.0 or self.k != 3):
+            raise ValueError("allocator: give p and k to the allocator, not to SqueezeSettings")
 
     @classmethod
     def uniform(cls, b_init=None, base_tokens=None, clamp=False):
@@ -109,9 +118,16 @@ class SqueezeSettings:
         return cls(b_init=b_init, base_tokens=base_tokens, p=1.0, clamp=clamp)
 
     @property
+    def strategy(self):
+        """The allocator the planner runs for these settings."""
+        return Squeeze(self.p, self.k) if self.allocator is None else self.allocator
+
+    @property
     def is_uniform(self):
-        return self.p == 1.0
+        return self.strategy in (Squeeze(1.0, self.k), Uniform())
 
     def describe(self):
         base = f"b_init {self.b_init:g}" if self.b_init is not None else f"{self.base_tokens} tokens"
+        if self.allocator is not None:
+            return f"{self.allocator.describe()}, {base}"
         return f"uniform, {base}" if self.is_uniform else f"squeeze p {self.p:g} k {self.k}, {base}"

@@ -1,0 +1,355 @@
+"""Which layer allocator to use, chosen on evidence: SmolLM2-135M, teacher-forced through the
+library's ops, parameters tuned on Botchan, reported on held-out Python documentation text.
+
+    python -m bench.allocators [--prompt-len 512] [--gen-len 32] [--calib-windows 3]
+                               [--tune-windows 6] [--test-windows 10] [--recalibrate]
+
+1. Calibration (Botchan, first third of the book): the sensitivity profile of every policy
+   (squeeze_ops.calibration.measure_profile), saved to squeeze_ops/profiles/ and reused by
+   later runs unless --recalibrate.
+2. Tuning (Botchan, the other two thirds): every candidate parameter of every allocator family
+   at budgets 10/20/30/50%; per policy and family the candidate with the lowest NLL increase
+   over the full cache, averaged over windows and budgets, is kept.
+3. Held-out test (pydoc_data.topics, never looked at before): the kept allocators against
+   uniform at the same total budget; paired differences per window.
+Writes bench/results/allocators.md (and $OUT/allocators.md when OUT is set). Per-window results
+are cached under .data/allocators/ so an interrupted run resumes.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from squeeze_ops import evaluation as ev
+from squeeze_ops.allocators import Calibrated, Continuous, Pyramid, SensitivityProfile, Squeeze, Uniform
+from squeeze_ops.cache import SqueezeKVCache
+from squeeze_ops.calibration import measure_profile
+from squeeze_ops.planner import allocate, diagnose
+from squeeze_ops.policies import SqueezeSettings
+
+from .common import environment
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "squeeze_ops", "profiles")
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TARGET_FRACTIONS = (0.1, 0.2, 0.3)
+TARGET_POLICIES = ("h2o", "streaming")
+TARGET_WIN_RATE = 0.7
+
+
+def candidates(profile):
+    """Allocator families and their candidate parameters (tuned on Botchan only)."""
+    return {
+        "squeeze": [Squeeze(p) for p in (0.3, 0.5, 0.7)],
+        "squeeze clamped": [Squeeze(p, clamp=True) for p in (0.3, 0.5, 0.7)],
+        "continuous": [Continuous(g, floor, cap) for g in (0.5, 1.0, 2.0) for floor, cap in ((0.25, 4.0), (0.5, 2.0))],
+        "pyramid": [Pyramid(r) for r in (1.5, 2.0, 3.0, 5.0)],
+        "calibrated": [Calibrated(profile, floor) for floor in (0.0, 0.25, 0.5)],
+    }
+
+
+def key(allocator):
+    """Cache key of an allocator: its description, plus the profile's digest for Calibrated."""
+    if isinstance(allocator, Calibrated):
+        digest = hashlib.sha1(json.dumps(allocator.profile.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{allocator.describe()} @{digest}"
+    return allocator.describe()
+
+
+def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
+    """Teacher-forced results of one window: {"full": mean NLL, "cells": {"policy|fraction|key":
+    {nll, agree, kept}}} for the full cache and every (policy, fraction, allocator) cell; the
+    cells of one policy decode as one batch. Cells already in cache_file are not recomputed."""
+    done = {"cells": {}}
+    if os.path.exists(cache_file):
+        with open(cache_file) as f:
+            done = json.load(f)
+    name = lambda pol, frac, alloc: f"{pol}|{frac:g}|{key(alloc)}"  # noqa: E731
+    todo = [c for c in cells if name(*c) not in done["cells"]]
+    if not todo and "full" in done:
+        return done
+    gen = len(continuation)
+    record, first = runner.prefill([prompt], scores=True)
+    targets = continuation[None].to(runner.device)
+
+    def score(policy, settings, label):
+        n = len(settings)
+        cache = SqueezeKVCache.build(record, policy, settings, gen, source=[0] * n)
+        nll, top1 = runner.score(cache, first.expand(n, -1), targets.expand(n, -1),
+                                 on_step=lambda i: progress(label, i + 1, gen))
+        return cache, nll.double().mean(1).tolist(), top1
+
+    _, (full_nll,), full_top1 = score(ev.POLICIES["window"], [None], "decode full cache")
+    done["full"] = full_nll
+    for pol in dict.fromkeys(c[0] for c in todo):
+        mine = [c for c in todo if c[0] == pol]
+        settings = [SqueezeSettings(b_init=frac, allocator=alloc) for _, frac, alloc in mine]
+        cache, nll, top1 = score(ev.POLICIES[pol], settings, f"decode {pol} x{len(mine)}")
+        held = cache.budgets.double().mean(1) / len(prompt)
+        agree = (top1 == full_top1).double().mean(1)
+        for i, cell in enumerate(mine):
+            done["cells"][name(*cell)] = {"nll": nll[i], "agree": agree[i].item(), "kept": held[i].item()}
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    with open(cache_file, "w") as f:
+        json.dump(done, f)
+    return done
+
+
+def paired(results, pol, frac, alloc, baseline=Uniform()):
+    """Per-window NLL differences of a cell vs the baseline at the same policy and budget."""
+    a = [r["cells"][f"{pol}|{frac:g}|{key(alloc)}"]["nll"] for r in results]
+    b = [r["cells"][f"{pol}|{frac:g}|{key(baseline)}"]["nll"] for r in results]
+    return [x - y for x, y in zip(a, b)]
+
+
+def mean_se(xs):
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, float("nan")
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    return mean, math.sqrt(var / len(xs))
+
+
+def cell_stats(results, pol, frac, alloc):
+    cells = [r["cells"][f"{pol}|{frac:g}|{key(alloc)}"] for r in results]
+    dnll = [c["nll"] - r["full"] for c, r in zip(cells, results)]
+    return (mean_se(dnll), sum(c["agree"] for c in cells) / len(cells), sum(c["kept"] for c in cells) / len(cells))
+
+
+def run_windows(runner, windows, cells, tag, args, progress):
+    results = []
+    for i, (prompt, continuation) in enumerate(windows):
+        progress(f"{tag} window {i + 1}/{len(windows)}")
+        cache_file = os.path.join(args.data_dir, "allocators",
+                                  f"{tag}-P{args.prompt_len}-G{args.gen_len}-{i}of{len(windows)}.json")
+        results.append(evaluate_window(runner, prompt, continuation, cells, cache_file, progress))
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--calib-windows", type=int, default=3)
+    parser.add_argument("--tune-windows", type=int, default=6)
+    parser.add_argument("--test-windows", type=int, default=10)
+    parser.add_argument("--recalibrate", action="store_true", help="measure the profiles again")
+    parser.add_argument("--profile-dir", default=PROFILE_DIR, help="where the profiles are kept")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    progress = ev.Progress()
+    # The faithful squeeze warns on every build (wasted budget, degenerate groups): the table
+    # shows its diagnostics once instead.
+    warnings.filterwarnings("ignore", category=UserWarning, module="squeeze_ops.cache")
+
+    progress(f"loading {MODEL_NAME}")
+    try:
+        runner, tokenizer, _ = ev.load_smollm2(args.device)
+    except ev.ModelUnavailable as err:
+        print(f"ERROR: {err}", file=sys.stderr)
+        return 2
+    import transformers
+
+    botchan = ev.tokenize(tokenizer, ev.botchan_text(args.data_dir))
+    pydoc = ev.tokenize(tokenizer, ev.pydoc_topics_text())
+    third = len(botchan) // 3
+    P, G = args.prompt_len, args.gen_len
+    calib_windows = ev.windows(botchan[:third], P, G, args.calib_windows)
+    tune_windows = ev.windows(botchan[third:], P, G, args.tune_windows)
+    test_windows = ev.windows(pydoc, P, G, args.test_windows)
+    policies = list(ev.POLICIES)
+
+    # 1. Calibration profiles.
+    profiles = {}
+    os.makedirs(args.profile_dir, exist_ok=True)
+    for pol in policies:
+        path = os.path.join(args.profile_dir, f"{MODEL_NAME}.{pol}.json")
+        if os.path.exists(path) and not args.recalibrate:
+            profiles[pol] = SensitivityProfile.load(path)
+            continue
+        t0 = time.perf_counter()
+        profiles[pol] = measure_profile(
+            runner, calib_windows, ev.POLICIES[pol], MODEL_NAME, progress=progress,
+            source=f"Botchan first third, {len(calib_windows)} windows of {P} prompt + {G} teacher-forced tokens")
+        profiles[pol].save(path)
+        progress(f"profile {pol}: {time.perf_counter() - t0:.0f} s -> {path}")
+
+    # 2. Tuning on Botchan.
+    fractions = ev.FRACTIONS
+    families = {pol: candidates(profiles[pol]) for pol in policies}
+    cells = [(pol, f, a) for pol in policies for f in fractions
+             for a in [Uniform()] + [c for fam in families[pol].values() for c in fam]]
+    tuned = run_windows(runner, tune_windows, cells, "tune-botchan", args, progress)
+    chosen, tuning_rows = {}, []
+    for pol in policies:
+        chosen[pol] = {}
+        for fam, options in families[pol].items():
+            scores = {a: sum(cell_stats(tuned, pol, f, a)[0][0] for f in fractions) / len(fractions) for a in options}
+            best = min(options, key=lambda a: scores[a])
+            chosen[pol][fam] = best
+            tuning_rows.append((pol, fam, [(a, scores[a], a == best) for a in options]))
+
+    # 3. Held-out test on pydoc.
+    cells = [(pol, f, a) for pol in policies for f in fractions
+             for a in [Uniform()] + list(chosen[pol].values())]
+    tested = run_windows(runner, test_windows, cells, "test-pydoc", args, progress)
+    seconds = time.perf_counter() - start
+
+    env = environment(args.device)
+    env.update(transformers=transformers.__version__, threads=torch.get_num_threads(), dtype=str(runner.dtype))
+    lines = [
+        f"# Layer allocators on {MODEL_NAME}: tuned on Botchan, tested on held-out text",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in env.items()) + f", run time: {seconds / 60:.1f} min "
+        "(cached windows not recomputed)",
+        "",
+        f"Command: `python -m bench.allocators --prompt-len {P} --gen-len {G} --calib-windows {args.calib_windows} "
+        f"--tune-windows {args.tune_windows} --test-windows {args.test_windows}`",
+        "",
+        "## Protocol",
+        "",
+        f"- Every window: a prompt of {P} tokens, then {G} continuation tokens teacher-forced one decode step at a "
+        "time through the compressed caches (prefill_attention + add_rmsnorm_cossim, planner.allocate, "
+        "compress_kv_, decode_step_). Metric per window: mean NLL over the continuation; dNLL = its increase over "
+        "the full cache; agreement = top-1 prediction equal to the full cache's. The first continuation token is "
+        "predicted by the full prefill in every cell.",
+        "- Budget b: every allocator gets the uniform total L * floor(b * P) tokens per sequence (the faithful "
+        "squeeze: its own floors of the same total); a layer holds at most P + G tokens, so `held` (mean layer "
+        "budget actually held / P) falls below b where an allocation gives a layer more than that.",
+        "- Policies: window, streaming (4 sinks), h2o (recent 0.5, scores from all prompt queries). All cells of "
+        "one policy and window decode as one batch with per-sequence budgets.",
+        f"- Calibration: sensitivity profiles from {len(calib_windows)} Botchan windows (first third of the book): "
+        "NLL increase when only one layer keeps a fraction f of the prompt (f in "
+        f"{', '.join(f'{f:g}' for f in profiles[policies[0]].budgets)}), all others full; one file per policy in "
+        "squeeze_ops/profiles/.",
+        f"- Tuning: {len(tune_windows)} Botchan windows (the other two thirds); per policy and allocator family the "
+        "candidate with the lowest mean dNLL over windows and the four budgets is kept.",
+        f"- Test: {len(test_windows)} windows of pydoc_data.topics ({len(pydoc)} tokens, evenly spread), not "
+        "looked at while choosing anything. `vs uniform`: mean over windows of NLL(allocator) - NLL(uniform) at "
+        "the same policy and budget, ± its standard error; `wins`: windows where that difference is < 0.",
+        "",
+        "## Held-out results (pydoc)",
+        "",
+        f"Full cache: mean NLL {sum(r['full'] for r in tested) / len(tested):.4f} nats/token.",
+        "",
+        "| policy | budget | allocator | dNLL | agree | held | vs uniform | wins |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best_by_cell = {}
+    for pol in policies:
+        for f in fractions:
+            for fam, alloc in [("uniform", Uniform())] + list(chosen[pol].items()):
+                (d, se), agree, held = cell_stats(tested, pol, f, alloc)
+                if fam == "uniform":
+                    diff, wins = "", ""
+                else:
+                    diffs = paired(tested, pol, f, alloc)
+                    m, s = mean_se(diffs)
+                    n_win = sum(x < 0 for x in diffs)
+                    diff, wins = f"{m:+.4f} ± {s:.4f}", f"{n_win}/{len(diffs)}"
+                    best_by_cell.setdefault((pol, f), []).append((fam, alloc, m, n_win, len(diffs)))
+                lines.append(f"| {pol} | {100 * f:g}% | {alloc.describe()} | {d:+.4f} ± {se:.4f} | "
+                             f"{100 * agree:.1f}% | {held:.3f} | {diff} | {wins} |")
+    lines += ["", "## Targets", "", "```"]
+    lines += targets(best_by_cell, tested, chosen, policies)
+    lines += ["```", "", "## Tuning on Botchan", "",
+              "Mean dNLL over the tuning windows and the four budgets (kept candidate in bold); uniform: "
+              + ", ".join(f"{pol} {sum(cell_stats(tuned, pol, f, Uniform())[0][0] for f in fractions) / 4:+.4f}"
+                          for pol in policies) + ".", "",
+              "| policy | family | candidates |", "|---|---|---|"]
+    for pol, fam, rows in tuning_rows:
+        text = "; ".join((f"**{a.describe()}: {s:+.4f}**" if kept else f"{a.describe()}: {s:+.4f}") for a, s, kept in rows)
+        lines.append(f"| {pol} | {fam} | {text} |")
+    lines += ["", "## Diagnostics on the first held-out window", ""]
+    lines += diagnostics_section(runner, test_windows[0][0], G, chosen, profiles)
+    lines += ["", "## Calibration profiles", "",
+              "NLL increase (nats/token) when only layer l keeps the given fraction of the prompt; the 8 most "
+              "sensitive layers per policy at the smallest fraction:", ""]
+    for pol in policies:
+        prof = profiles[pol]
+        row = prof.values[0]
+        top = sorted(range(prof.num_layers), key=lambda layer: -row[layer])[:8]
+        lines.append(f"- {pol} ({prof.policy}) at f = {prof.budgets[0]:g}: "
+                     + ", ".join(f"L{layer} {row[layer]:+.4f}" for layer in top)
+                     + f"; sum over layers at f = {', '.join(f'{f:g}: {sum(r):+.3f}' for f, r in zip(prof.budgets, prof.values))}")
+    lines.append("")
+    text = "\n".join(lines)
+    dirs = [RESULTS_DIR] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "allocators.md"), "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+def targets(best_by_cell, tested, chosen, policies):
+    """The issue's targets, answered from the held-out numbers (text lines)."""
+    out = [f"Target: some allocator beats uniform (mean paired difference < 0 and wins in >= "
+           f"{100 * TARGET_WIN_RATE:.0f}% of windows) for {' and '.join(TARGET_POLICIES)} at "
+           f"{', '.join(f'{100 * f:g}%' for f in TARGET_FRACTIONS)}."]
+    met_cells, families = 0, {}
+    for pol in TARGET_POLICIES:
+        for f in TARGET_FRACTIONS:
+            rows = best_by_cell[(pol, f)]
+            good = [row for row in rows if row[2] < 0 and row[3] >= TARGET_WIN_RATE * row[4]]
+            for fam, *_ in good:
+                families.setdefault(fam, set()).add((pol, f))
+            met_cells += bool(good)
+            _, best, m, w, n = min(rows, key=lambda row: row[2])
+            out.append(f"  {pol} {100 * f:g}%: " + (
+                ", ".join(f"{a.describe()} ({m:+.4f}, {w}/{n} wins)" for _, a, m, w, n in good) if good
+                else f"none (best mean: {best.describe()} {m:+.4f}, {w}/{n} wins)"))
+    total = len(TARGET_POLICIES) * len(TARGET_FRACTIONS)
+    single = [fam for fam, got in families.items() if len(got) == total]
+    out.append(f"  -> {'MET' if met_cells == total else 'NOT MET'}: {met_cells}/{total} cells have such an allocator; "
+               f"one allocator family in all {total}: {', '.join(single) if single else 'none'}.")
+    out.append("Moonshot: an allocator at 20% no worse than uniform at 30% (mean dNLL).")
+    holds = 0
+    for pol in policies:
+        u30 = cell_stats(tested, pol, 0.3, Uniform())[0][0]
+        at20 = [(a, cell_stats(tested, pol, 0.2, a)[0][0]) for a in chosen[pol].values()]
+        best, d = min(at20, key=lambda t: t[1])
+        ok = d <= u30
+        holds += ok and pol in TARGET_POLICIES
+        out.append(f"  {pol}: uniform @30% {u30:+.4f}; best @20% {best.describe()} {d:+.4f} -> "
+                   f"{'holds' if ok else 'does not hold'}")
+    out.append(f"  -> {'MET' if holds == len(TARGET_POLICIES) else 'NOT MET'} for {' and '.join(TARGET_POLICIES)} "
+               f"({holds}/{len(TARGET_POLICIES)}).")
+    return out
+
+
+def diagnostics_section(runner, prompt, gen, chosen, profiles):
+    """Similarity profile, groups and budgets (nominal / effective) of every kept allocator at 20%
+    on one window, with the planner's warnings."""
+    record, _ = runner.prefill([prompt], scores=False)
+    lens = torch.tensor([len(prompt)], dtype=torch.int32)
+    capacity = lens + gen
+    out = ["Budgets at 20% (h2o's tuned allocators; nominal/effective where they differ):", ""]
+    columns, messages = {}, []
+    for fam, alloc in {"uniform": Uniform(), **chosen["h2o"]}.items():
+        plan = allocate(record.cos_sum, lens, alloc, b_init=0.2, capacity=capacity, min_budget=2)
+        diag = diagnose(plan, capacity, alloc, warn=False)
+        columns[alloc.describe()] = [n if n == e else f"{n}/{e}" for n, e in zip(diag.nominal[0], diag.effective[0])]
+        messages += [f"{alloc.describe()}: {m}" for m in diag.messages]
+        if fam == "squeeze":
+            groups = diag
+    out += ["| layer | similarity | group | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for layer, sim in enumerate(groups.similarity[0]):
+        out.append(f"| {layer} | {sim:.4f} | G{groups.labels[0][layer] + 1} | "
+                   + " | ".join(str(col[layer]) for col in columns.values()) + " |")
+    out += ["", f"Group sizes G1/G2/G3: {'/'.join(map(str, groups.group_sizes[0]))}. Planner warnings:", ""]
+    out += [f"- {m}" for m in messages] or ["- none"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Layer allocators: how the KV budget of one sequence is spread over its decoder layers.
+
+Every allocator is a frozen dataclass (plain data: hashable, comparable, printable) with one
+method, `allocate(request) -> (budgets, labels, centroids)`, called by the planner
+(`squeeze_ops.planner.allocate`). A `Request` carries the per-request signal measured during
+prefill (similarity [B, L]) and the sizes: the uniform base budget per layer, the prompt
+lengths, what a layer can hold and the policy's smallest workable budget.
+
+    Squeeze(p, k)             the authors' formula (layer_budgets), faithful: the default
+    Squeeze(p, k, clamp=True) the same shares, capped at what a layer can hold, the surplus
+                              redistributed to the uncapped layers
+    Uniform()                 every layer floor(base): the baseline (= Squeeze(p=1))
+    Continuous(gamma, ...)    budget proportional to (1 - similarity)^gamma, floor and cap
+    Pyramid(ratio)            fixed linear ramp, `ratio` times more budget in the first layer
+                              than in the last (PyramidKV)
+    Calibrated(profile, ...)  greedy marginal-gain allocation over a per-model sensitivity
+                              profile measured once on calibration text (SensitivityProfile)
+    Fixed(budgets)            explicit per-layer budgets in tokens (measurement, replay)
+
+Totals: the allocators that redistribute (Squeeze(clamp=True), Continuous, Pyramid,
+Calibrated) give every sequence exactly the uniform baseline's total L * floor(base), so they
+are compared with Uniform at equal KV held, unless the policy's minimum budget per layer
+needs more (floors win) or the layers cannot hold that much (capacity wins). The faithful
+Squeeze keeps its own rounding (L * base - L < total <= L * base) and may give a layer more
+than it can hold. Fixed ignores the base.
+
+Everything in `allocate` is tensor work on the request's device with shapes known on the
+host: no host synchronisation, so planning can sit in a captured CUDA graph or a
+torch.compile(fullgraph=True) region.
+"""
+import json
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from typing import NamedTuple
+
+import torch
+
+from .ops import kmeans1d, layer_budgets
+
+# Groups reported (labels, centroids) by the allocators that do not group layers themselves.
+REPORTED_GROUPS = 3
+PROFILE_FORMAT = "squeeze-ops/sensitivity-profile"
+PROFILE_VERSION = 1
+
+
+class Request(NamedTuple):
+    """What an allocator sees of a batch of B sequences with L layers (all on one device).
+
+    similarity:  fp32 [B, L] mean cos(x_in, x_mid) of each layer over the prompt.
+    base:        fp32 [B] uniform budget per layer in tokens (b_init * prompt length, or given).
+    prompt_lens: int [B] prompt tokens.
+    capacity:    int [B] tokens one layer can hold (prompt + tokens still to generate).
+    min_budget:  smallest workable budget of a layer (the policy's guard, e.g. sinks + 1).
+    """
+
+    similarity: torch.Tensor
+    base: torch.Tensor
+    prompt_lens: torch.Tensor
+    capacity: torch.Tensor
+    min_budget: int
+
+    @property
+    def num_layers(self):
+        return self.similarity.shape[1]
+
+    def total(self):
+        """float64 [B, 1]: the uniform baseline's total L * floor(base)."""
+        return self.base.double().floor()[:, None] * self.num_layers
+
+    def bounds(self, low=None, high=None):
+        """float64 [B, L] integer bounds of a layer's budget: at least min_budget (and
+        floor(low)), at most its capacity (and floor(high)); lower bounds win where they cross.
+        low, high: float64 broadcastable to [B, L]."""
+        shape = self.similarity.shape
+        lo = torch.full(shape, float(self.min_budget), dtype=torch.float64, device=self.similarity.device)
+        hi = self.capacity.double()[:, None].expand(shape)
+        if low is not None:
+            lo = torch.maximum(lo, low.floor())
+        if high is not None:
+            hi = torch.minimum(hi, high.floor())
+        return lo, torch.maximum(hi, lo)
+
+
+def _on_device(values, dtype, device):
+    """A constant table (nested tuples) as a tensor on `device`: a graph constant when traced,
+    else uploaded once per device so that later plans read nothing from the host (a capturable
+    region must then be warmed up first). Shared: never modified."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _uploaded(values, dtype, device)
+
+
+@lru_cache(maxsize=256)
+def _uploaded(values, dtype, device):
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _groups(similarity, k):
+    """kmeans1d labels and centroids with k capped at the number of layers."""
+    return kmeans1d(similarity, min(k, similarity.shape[1]))
+
+
+def water_fill(weights, total, lo, hi):
+    """x[b, l] = clamp(lam_b * weights[b, l], lo[b, l], hi[b, l]) with sum_l x[b, l] = total[b].
+
+    weights >= 0, float64 [B, L]; total float64 [B, 1]; lo <= hi float64 [B, L]. The sum is a
+    non-decreasing piecewise-linear function of lam with breakpoints lo/w and hi/w; it is
+    evaluated at every breakpoint and lam interpolated exactly on the segment holding the
+    total. A total below sum(lo) gives lo, above sum(hi) gives hi. Layers of weight 0 stay at lo.
+    Returns float64 [B, L].
+    """
+    positive = weights > 0
+    safe = torch.where(positive, weights, torch.ones_like(weights))
+    zero = torch.zeros_like(weights)
+    breaks = torch.cat([zero[:, :1], torch.where(positive, lo / safe, zero), torch.where(positive, hi / safe, zero)], 1)
+    breaks = breaks.sort(dim=1).values  # [B, 2L + 1]
+    sums = (breaks[:, :, None] * weights[:, None, :]).clamp(lo[:, None, :], hi[:, None, :]).sum(-1)
+    last = breaks.shape[1] - 1
+    j = ((sums <= total).sum(1, keepdim=True) - 1).clamp(0, last)
+    j_next = (j + 1).clamp_max(last)
+    lam0, lam1 = breaks.gather(1, j), breaks.gather(1, j_next)
+    s0, s1 = sums.gather(1, j), sums.gather(1, j_next)
+    rising = s1 > s0
+    step = torch.where(rising, (total - s0) / torch.where(rising, s1 - s0, torch.ones_like(s0)), torch.zeros_like(s0))
+    lam = lam0 + step.clamp(0, 1) * (lam1 - lam0)
+    return (lam * weights).clamp(lo, hi)
+
+
+def round_to_total(x, total, hi):
+    """Integer budgets from real ones (float64 [B, L]) with the same total: floor every layer,
+    then give one more token to the layers with the largest fractional parts (ties: lower
+    layer first) until the total (float64 [B, 1], integer-valued) is reached, never above hi.
+    Returns int32 [B, L]."""
+    floors = x.floor()
+    missing = total - floors.sum(1, keepdim=True)
+    room = floors < hi
+    fraction = torch.where(room, x - floors, torch.full_like(x, -1.0))
+    order = fraction.argsort(dim=1, descending=True, stable=True)
+    rank = order.argsort(dim=1)
+    return (floors + ((rank < missing) & room).to(floors.dtype)).to(torch.int32)
+
+
+def _conserve(request, weights, lo, hi):
+    """Budgets proportional to weights within [lo, hi], summing to the uniform total."""
+    total = request.total()
+    return round_to_total(water_fill(weights, total, lo, hi), total, hi)
+
+
+@dataclass(frozen=True)
+class Squeeze:
+    """SqueezeAttention (ALGORITHM.md section 4): 1-D K-Means of the similarity into k groups;
+    the most similar group G is squeezed to p * base, the other layers share what it gives up.
+
+    clamp=False: the authors' formula exactly (layer_budgets): floor(p * base) and
+        floor(base * (L - p|G|) / (L - |G|)), no cap; budget above what a layer can hold is
+        wasted. p = 1 is the uniform baseline.
+    clamp=True: the same shares (p for G, (L - p|G|) / (L - |G|) for the others) scaled to the
+        uniform total, each layer capped at what it can hold; the surplus of capped layers goes
+        to the uncapped ones in proportion to their shares (water-filling).
+    """
+
+    p: float = 0.35
+    k: int = 3
+    clamp: bool = False
+
+    def __post_init__(self):
+        if not self.p > 0:
+            raise ValueError(f"p: expected p > 0, got {self.p}")
+        if self.k < 1:
+            raise ValueError(f"k: expected k >= 1, got {self.k}")
+
+    @property
+    def uses_groups(self):
+        return self.p != 1.0
+
+    def allocate(self, request):
+        if not self.clamp:
+            return layer_budgets(request.similarity, request.base, self.p, self.k, request.min_budget, None)
+        labels, centroids = kmeans1d(request.similarity, self.k)
+        top = labels == self.k - 1
+        n_top = top.sum(1, keepdim=True).double()
+        L = request.num_layers
+        whole = (n_top == 0) | (n_top == L)  # no group to squeeze: uniform
+        other = (L - self.p * n_top) / (L - n_top).clamp_min(1)
+        shares = torch.where(whole, 1.0, torch.where(top, self.p, other))
+        return _conserve(request, shares, *request.bounds()), labels, centroids
+
+    def describe(self):
+        return f"squeeze p={self.p:g}" + (" clamped" if self.clamp else "") + ("" if self.k == 3 else f" k={self.k}")
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """The baseline: every layer keeps floor(base) tokens (at least min_budget)."""
+
+    uses_groups = False
+
+    def allocate(self, request):
+        budgets = request.base.floor()[:, None].expand(request.similarity.shape)
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return budgets.clamp_min(request.min_budget).to(torch.int32), labels, centroids
+
+    def describe(self):
+        return "uniform"
+
+
+@dataclass(frozen=True)
+class Continuous:
+    """Budget proportional to (1 - similarity_l)^gamma: the less attention changed a layer's
+    residual stream, the fewer tokens it keeps; gamma = 0 is uniform, larger gamma follows
+    the similarity more sharply. Every layer keeps at least floor(floor * base) and at most
+    floor(cap * base) tokens (and what it can hold); what the bounds cut is redistributed over
+    the others (water-filling), so the total is the uniform one.
+    """
+
+    gamma: float = 1.0
+    floor: float = 0.25
+    cap: float = 4.0
+
+    uses_groups = False
+
+    def __post_init__(self):
+        if not self.gamma >= 0:
+            raise ValueError(f"gamma: expected gamma >= 0, got {self.gamma}")
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"floor: expected a fraction of the base in [0, 1], got {self.floor}")
+        if not self.cap >= 1:
+            raise ValueError(f"cap: expected a multiple of the base >= 1, got {self.cap}")
+
+    def allocate(self, request):
+        # (1 - s) is clamped away from 0 so that a layer of similarity 1 still gets its floor
+        # and a profile of equal similarities is exactly uniform.
+        weights = (1.0 - request.similarity.double()).clamp_min(1e-6).pow(self.gamma)
+        base = request.base.double()[:, None]
+        lo, hi = request.bounds(low=self.floor * base, high=self.cap * base)
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return _conserve(request, weights, lo, hi), labels, centroids
+
+    def describe(self):
+        return f"continuous gamma={self.gamma:g} floor={self.floor:g} cap={self.cap:g}"
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """PyramidKV-style fixed schedule: budgets fall linearly from the first layer to the last,
+    the first holding `ratio` times the last (ratio = 1: uniform); the signal is not read.
+    Capped at what a layer can hold, the surplus redistributed, the total the uniform one."""
+
+    ratio: float = 2.0
+
+    uses_groups = False
+
+    def __post_init__(self):
+        if not self.ratio >= 1:
+            raise ValueError(f"ratio: expected ratio >= 1, got {self.ratio}")
+
+    def allocate(self, request):
+        B, L = request.similarity.shape
+        depth = torch.linspace(0, 1, L, dtype=torch.float64, device=request.similarity.device)
+        weights = (self.ratio + (1 - self.ratio) * depth).expand(B, L)
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return _conserve(request, weights, *request.bounds()), labels, centroids
+
+    def describe(self):
+        return f"pyramid ratio={self.ratio:g}"
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Explicit per-layer budgets in tokens, the same for every sequence (at least min_budget).
+    The base budget is ignored: the total is the caller's. Used to measure sensitivity
+    profiles and to replay a schedule."""
+
+    budgets: tuple
+
+    uses_groups = False
+
+    def allocate(self, request):
+        if len(self.budgets) != request.num_layers:
+            raise ValueError(f"budgets: expected {request.num_layers} layer budgets, got {len(self.budgets)}")
+        row = _on_device(tuple(self.budgets), torch.int32, request.similarity.device)
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return row.clamp_min(request.min_budget).expand(request.similarity.shape).contiguous(), labels, centroids
+
+    def describe(self):
+        return "fixed"
+
+
+@dataclass(frozen=True)
+class SensitivityProfile:
+    """How much one model's loss rises when a single layer's cache is compressed.
+
+    values[j][l]: mean NLL increase (nats/token) over the full cache when only layer l keeps
+    budgets[j] * prompt length tokens (under `policy`), every other layer its full cache.
+    budgets: increasing fractions of the prompt, all in (0, 1). Measured once per model and
+    policy on calibration text (squeeze_ops.calibration.measure_profile); keep the file next
+    to the model's settings and load it at run time.
+    """
+
+    model: str
+    num_layers: int
+    policy: str
+    budgets: tuple
+    values: tuple
+    source: str = ""
+
+    def __post_init__(self):
+        if list(self.budgets) != sorted(set(self.budgets)) or not all(0 < f < 1 for f in self.budgets):
+            raise ValueError(f"budgets: expected increasing fractions in (0, 1), got {self.budgets}")
+        if len(self.values) != len(self.budgets) or any(len(row) != self.num_layers for row in self.values):
+            raise ValueError(f"values: expected {len(self.budgets)} rows of {self.num_layers} layer values")
+
+    def to_json(self):
+        return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "model": self.model,
+                "num_layers": self.num_layers, "policy": self.policy, "budgets": list(self.budgets),
+                "values": [list(row) for row in self.values], "source": self.source}
+
+    @classmethod
+    def from_json(cls, data):
+        if data.get("format") != PROFILE_FORMAT or data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"profile: expected format {PROFILE_FORMAT!r} version {PROFILE_VERSION}, got "
+                             f"{data.get('format')!r} version {data.get('version')}")
+        return cls(data["model"], int(data["num_layers"]), data["policy"], tuple(float(f) for f in data["budgets"]),
+                   tuple(tuple(float(v) for v in row) for row in data["values"]), data.get("source", ""))
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """Greedy marginal-gain allocation over a SensitivityProfile.
+
+    Each layer's loss as a function of its budget is the profile's curve (piecewise linear
+    between the measured fractions, 0 at the full prompt), made non-negative, non-increasing
+    and convex (lower hull: diminishing returns). Every layer starts at the smallest measured
+    fraction of the prompt (and at least `floor` * base); the rest of the uniform total buys
+    budget segments in order of loss removed per token, which is optimal for a sum of convex
+    curves. Budget no segment pays for raises the smallest layers.
+    """
+
+    profile: SensitivityProfile
+    floor: float = 0.0
+
+    uses_groups = False
+
+    def __post_init__(self):
+        if not 0 <= self.floor <= 1:
+            raise ValueError(f"floor: expected a fraction of the base in [0, 1], got {self.floor}")
+
+    @cached_property
+    def _curves(self):
+        """(knots (m + 1 fractions ending at 1), gains (L x m: loss removed per unit fraction on
+        each segment, non-increasing along the segments)) as tuples: host data, computed once."""
+        knots = list(self.profile.budgets) + [1.0]
+        gains = []
+        for layer in range(self.profile.num_layers):
+            loss = [max(row[layer], 0.0) for row in self.profile.values] + [0.0]
+            for j in range(len(loss) - 2, -1, -1):  # non-increasing in the budget
+                loss[j] = max(loss[j], loss[j + 1])
+            gains.append(tuple(_convex_slopes(knots, loss)))
+        return tuple(knots), tuple(gains)
+
+    def allocate(self, request):
+        B, L = request.similarity.shape
+        if self.profile.num_layers != L:
+            raise ValueError(f"profile: measured on {self.profile.num_layers} layers, the model has {L}")
+        device = request.similarity.device
+        knots, gains = self._curves
+        knots = _on_device(knots, torch.float64, device)
+        gains = _on_device(gains, torch.float64, device).expand(B, L, -1)
+        prompt = request.prompt_lens.double()[:, None]
+        lo, hi = request.bounds(low=torch.maximum(knots[0] * prompt, self.floor * request.base.double()[:, None]))
+        # Segment j of layer l covers [knots[j] * T, knots[j + 1] * T], cut below at lo.
+        starts = torch.maximum(knots[:-1] * prompt[:, :, None], lo[:, :, None])
+        ends = torch.maximum(knots[1:] * prompt[:, :, None], lo[:, :, None])
+        lengths = torch.where(gains > 0, ends - starts, 0.0)
+        order = gains.reshape(B, -1).argsort(dim=1, descending=True, stable=True)
+        sorted_len = lengths.reshape(B, -1).gather(1, order)
+        spend = request.total() - lo.sum(1, keepdim=True)
+        before = sorted_len.cumsum(1) - sorted_len
+        bought = torch.minimum((spend - before).clamp(min=0), sorted_len)
+        taken = torch.zeros_like(sorted_len).scatter(1, order, bought)
+        x = torch.minimum(lo + taken.view(B, L, -1).sum(-1), hi)
+        x = water_fill(torch.ones_like(x), request.total(), x, torch.maximum(hi, x))
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return round_to_total(x, request.total(), hi), labels, centroids
+
+    def describe(self):
+        return "calibrated" + (f" floor={self.floor:g}" if self.floor else "")
+
+
+def _convex_slopes(knots, loss):
+    """Slopes -d loss / d fraction of the lower convex hull of a non-increasing piecewise-linear
+    curve (pool adjacent violators), one per segment, non-increasing along the segments."""
+    blocks = []  # [slope, width, segments]
+    for j in range(len(knots) - 1):
+        width = knots[j + 1] - knots[j]
+        blocks.append([(loss[j] - loss[j + 1]) / width, width, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            s2, w2, n2 = blocks.pop()
+            s1, w1, n1 = blocks.pop()
+            blocks.append([(s1 * w1 + s2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [slope for slope, _, n in blocks for _ in range(n)]
