@@ -2,7 +2,7 @@
 library's ops, for the grid policy {window, streaming (4 sinks), h2o} x budget fraction
 {0.1, 0.2, 0.3, 0.5} x allocation {uniform (p = 1), squeeze p in {0.3, 0.5, 0.7}}.
 
-    python -m bench.quality [--windows 6] [--prompt-len 1024] [--gen-len 128]
+    python -m bench.quality [--windows 8] [--prompt-len 1024] [--gen-len 128]
 
 Writes bench/results/quality.md (and $OUT/quality.md when OUT is set): machine, versions, run
 time, the mean NLL increase over the full cache and the top-1 agreement per cell, the
@@ -24,7 +24,7 @@ from .common import environment
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", type=int, default=6, help="windows at evenly spread offsets (default 6)")
+    parser.add_argument("--windows", type=int, default=8, help="windows at evenly spread offsets (default 8)")
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--text", choices=("botchan", "pydoc"), default="botchan")

