@@ -40,6 +40,7 @@ Extension = CUDAExtension if with_cuda else CppExtension
 
 setup(
     packages=["squeeze_ops", "squeeze_ops.triton_kernels"],
+    package_data={"squeeze_ops": ["profiles/*.json"]},
     package_dir={"squeeze_ops.triton_kernels": "triton_kernels"},
     ext_modules=[
         Extension(
