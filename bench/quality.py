@@ -35,17 +35,12 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR)
     parser.add_argument("--name", default="quality", help="results file name (default quality)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     progress = ev.Progress()
-
-    progress("loading SmolLM2-135M")
-    try:
-        runner, tokenizer, _ = ev.load_smollm2(args.device)
-    except ev.ModelUnavailable as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+    loaded = ev.load_for_job(args, progress)
+    if loaded is None:
         return 2
+    runner, tokenizer = loaded
     import transformers
 
     text = ev.botchan_text(args.data_dir) if args.text == "botchan" else ev.pydoc_topics_text()

@@ -92,6 +92,22 @@ def load_smollm2(device="cpu", dtype=None):
     return LlamaRunner(model), tokenizer, model
 
 
+def load_for_job(args, progress):
+    """The common start of the command-line jobs: torch's CPU threads (args.threads; 0 keeps
+    torch's default), then SmolLM2 on args.device. Returns (runner, tokenizer), or None after
+    a framed error when the model is not installed (the job then exits with code 2)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress("loading SmolLM2-135M (GGUF, dequantised)")
+    try:
+        runner, tokenizer, _ = load_smollm2(args.device)
+    except ModelUnavailable as err:
+        bar = "=" * 78
+        print(f"\n{bar}\nERROR: {err}\n{bar}\n", file=sys.stderr)
+        return None
+    return runner, tokenizer
+
+
 def botchan_text(data_dir=DEFAULT_DATA_DIR):
     """The body of Botchan (between the Gutenberg START and END lines), LF line ends.
     Downloads the sentencepiece 0.2.1 sdist into data_dir with pip the first time."""

@@ -33,18 +33,12 @@ def main(argv=None):
                              "at every small op; 0 keeps torch's default)")
     parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR, help="where the Botchan sdist is cached")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     progress = ev.Progress()
-
-    progress("loading SmolLM2-135M (GGUF, dequantised)")
-    try:
-        runner, tokenizer, _ = ev.load_smollm2(args.device)
-    except ev.ModelUnavailable as err:
-        bar = "=" * 78
-        print(f"\n{bar}\nERROR: {err}\n{bar}\n", file=sys.stderr)
+    loaded = ev.load_for_job(args, progress)
+    if loaded is None:
         return 2
+    runner, tokenizer = loaded
     progress("reading Botchan (sentencepiece 0.2.1 sdist)")
     ids = ev.tokenize(tokenizer, ev.botchan_text(args.data_dir))
     prompt, continuation = ev.windows(ids, args.prompt_len, args.gen_len, 1)[0]
