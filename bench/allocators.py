@@ -2,7 +2,8 @@
 library's ops, parameters tuned on Botchan, reported on held-out Python documentation text.
 
     python -m bench.allocators [--prompt-len 512] [--gen-len 32] [--calib-windows 3]
-                               [--tune-windows 10] [--test-windows 10] [--test-shift 0.5]
+                               [--tune-windows 10] [--test-windows 10]
+                               [--test-shift 0.25 -0.25] [--context-windows 8]
                                [--recalibrate]
 
 1. Calibration (Botchan, first third of the book): the sensitivity profile of every policy
@@ -31,10 +32,11 @@ import warnings
 import torch
 
 from squeeze_ops import evaluation as ev
-from squeeze_ops.allocators import Calibrated, Continuous, Pyramid, SensitivityProfile, Squeeze, Uniform
+from squeeze_ops.allocators import (Calibrated, Continuous, Coverage, Pyramid, SensitivityProfile, Squeeze,
+                                   Uniform)
 from squeeze_ops.cache import SqueezeKVCache
-from squeeze_ops.calibration import measure_profile
-from squeeze_ops.planner import allocate, diagnose
+from squeeze_ops.calibration import IN_CONTEXT_MULTIPLES, in_context_fractions, measure_profile
+from squeeze_ops.planner import allocate, diagnose, pad_observed
 from squeeze_ops.policies import SqueezeSettings
 
 from .common import environment
@@ -45,24 +47,69 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 TARGET_FRACTIONS = (0.1, 0.2, 0.3)
 TARGET_POLICIES = ("h2o", "streaming")
 TARGET_WIN_RATE = 0.7
+CONTEXTS = (0.1, 0.2, 0.3, 0.5)
+CONTEXT_POLICIES = ("streaming",)
+OBSERVE = 32  # prompt queries whose attention the Coverage allocator reads
 
 
-def candidates(profile):
+def candidates(profile, in_context=None):
     """Allocator families and their candidate parameters (tuned on Botchan only)."""
-    return {
+    families = {
         "squeeze": [Squeeze(p) for p in (0.3, 0.5, 0.7, 0.9)],
         "squeeze clamped": [Squeeze(p, clamp=True) for p in (0.3, 0.5, 0.7, 0.9)],
         "continuous": [Continuous(g, floor, cap) for g in (0.25, 0.5, 1.0, 2.0)
                        for floor, cap in ((0.25, 4.0), (0.5, 2.0), (0.75, 1.5))],
         "pyramid": [Pyramid(r) for r in (1.25, 1.5, 2.0, 3.0, 5.0)],
         "calibrated": [Calibrated(profile, floor) for floor in (0.0, 0.25, 0.5, 0.75)],
+        "coverage": [Coverage(g, floor, cap, OBSERVE) for g in (0.0, 0.5, 1.0)
+                     for floor, cap in ((0.5, 2.0), (0.75, 1.5))],
     }
+    if in_context:
+        families["calibrated in context"] = [Calibrated(in_context, floor) for floor in (0.0, 0.5, 0.75)]
+    return families
+
+
+def load_or_measure(path, measure, progress, recalibrate):
+    """The profile at path, measured (and saved there) when missing or when recalibrating."""
+    if os.path.exists(path) and not recalibrate:
+        return SensitivityProfile.load(path)
+    t0 = time.perf_counter()
+    profile = measure()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    profile.save(path)
+    progress(f"profile {os.path.basename(path)}: {time.perf_counter() - t0:.0f} s")
+    return profile
+
+
+def calibrate(runner, calib_windows, context_windows, args, progress):
+    """Per policy: the isolated profile (other layers full) and, for CONTEXT_POLICIES, the
+    in-context profiles at CONTEXTS (tuple); loaded from args.profile_dir when present."""
+    P, G = args.prompt_len, args.gen_len
+    isolated, in_context = {}, {}
+    for pol in ev.POLICIES:
+        isolated[pol] = load_or_measure(
+            os.path.join(args.profile_dir, f"{MODEL_NAME}.{pol}.json"),
+            lambda: measure_profile(
+                runner, calib_windows, ev.POLICIES[pol], MODEL_NAME, progress=progress,
+                source=f"Botchan first third, {len(calib_windows)} windows of {P} prompt + {G} teacher-forced tokens"),
+            progress, args.recalibrate)
+        if pol not in CONTEXT_POLICIES:
+            continue
+        in_context[pol] = tuple(load_or_measure(
+            os.path.join(args.profile_dir, f"{MODEL_NAME}.{pol}.context{c:g}.json"),
+            lambda: measure_profile(
+                runner, context_windows, ev.POLICIES[pol], MODEL_NAME, in_context_fractions(c), context=c,
+                progress=progress, source=f"Botchan first third, {len(context_windows)} windows of {P} prompt + "
+                f"{G} teacher-forced tokens, every other layer at {c:g}"),
+            progress, args.recalibrate) for c in CONTEXTS)
+    return isolated, in_context
 
 
 def key(allocator):
-    """Cache key of an allocator: its description, plus the profile's digest for Calibrated."""
+    """Cache key of an allocator: its description, plus the profiles' digest for Calibrated."""
     if isinstance(allocator, Calibrated):
-        digest = hashlib.sha1(json.dumps(allocator.profile.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+        data = [p.to_json() for p in allocator.profiles]
+        digest = hashlib.sha1(json.dumps(data if len(data) > 1 else data[0], sort_keys=True).encode()).hexdigest()[:8]
         return f"{allocator.describe()} @{digest}"
     return allocator.describe()
 
@@ -80,7 +127,7 @@ def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
     if not todo and "full" in done:
         return done
     gen = len(continuation)
-    record, first = runner.prefill([prompt], scores=True)
+    record, first = runner.prefill([prompt], scores=True, observe=OBSERVE)
     targets = continuation[None].to(runner.device)
 
     def score(policy, settings, label):
@@ -154,9 +201,13 @@ def main(argv=None):
     parser.add_argument("--calib-windows", type=int, default=3)
     parser.add_argument("--tune-windows", type=int, default=10)
     parser.add_argument("--test-windows", type=int, default=10)
-    parser.add_argument("--test-shift", type=float, default=0.5,
-                        help="held-out windows start this fraction of their spacing later (default 0.5)")
+    parser.add_argument("--test-shift", type=float, nargs="+", default=[0.25, -0.25],
+                        help="one set of --test-windows held-out windows per shift, each starting this fraction "
+                             "of their spacing later (default 0.25 -0.25)")
+    parser.add_argument("--context-windows", type=int, default=8,
+                        help="Botchan windows (first third) of the in-context profiles")
     parser.add_argument("--recalibrate", action="store_true", help="measure the profiles again")
+    parser.add_argument("--calibrate-only", action="store_true", help="stop after the profiles")
     parser.add_argument("--profile-dir", default=PROFILE_DIR, help="where the profiles are kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR)
@@ -180,28 +231,20 @@ def main(argv=None):
     third = len(botchan) // 3
     P, G = args.prompt_len, args.gen_len
     calib_windows = ev.windows(botchan[:third], P, G, args.calib_windows)
+    context_windows = ev.windows(botchan[:third], P, G, args.context_windows)
     tune_windows = ev.windows(botchan[third:], P, G, args.tune_windows)
-    test_windows = shifted_windows(pydoc, P, G, args.test_windows, args.test_shift)
+    test_sets = [(shift, shifted_windows(pydoc, P, G, args.test_windows, shift)) for shift in args.test_shift]
+    test_windows = [w for _, wins in test_sets for w in wins]
     policies = list(ev.POLICIES)
 
     # 1. Calibration profiles.
-    profiles = {}
-    os.makedirs(args.profile_dir, exist_ok=True)
-    for pol in policies:
-        path = os.path.join(args.profile_dir, f"{MODEL_NAME}.{pol}.json")
-        if os.path.exists(path) and not args.recalibrate:
-            profiles[pol] = SensitivityProfile.load(path)
-            continue
-        t0 = time.perf_counter()
-        profiles[pol] = measure_profile(
-            runner, calib_windows, ev.POLICIES[pol], MODEL_NAME, progress=progress,
-            source=f"Botchan first third, {len(calib_windows)} windows of {P} prompt + {G} teacher-forced tokens")
-        profiles[pol].save(path)
-        progress(f"profile {pol}: {time.perf_counter() - t0:.0f} s -> {path}")
+    profiles, in_context = calibrate(runner, calib_windows, context_windows, args, progress)
+    if args.calibrate_only:
+        return 0
 
     # 2. Tuning on Botchan.
     fractions = ev.FRACTIONS
-    families = {pol: candidates(profiles[pol]) for pol in policies}
+    families = {pol: candidates(profiles[pol], in_context.get(pol)) for pol in policies}
     cells = [(pol, f, a) for pol in policies for f in fractions
              for a in [Uniform()] + [c for fam in families[pol].values() for c in fam]]
     tuned = run_windows(runner, tune_windows, cells, "tune-botchan", args, progress)
@@ -217,7 +260,8 @@ def main(argv=None):
     # 3. Held-out test on pydoc.
     cells = [(pol, f, a) for pol in policies for f in fractions
              for a in [Uniform()] + list(chosen[pol].values())]
-    tested = run_windows(runner, test_windows, cells, f"test-pydoc-shift{args.test_shift:g}", args, progress)
+    tested = [r for shift, wins in test_sets
+              for r in run_windows(runner, wins, cells, f"test-pydoc-shift{shift:g}", args, progress)]
     seconds = time.perf_counter() - start
 
     env = environment(args.device)
@@ -229,7 +273,9 @@ def main(argv=None):
         "(profiles found in the profile folder and windows found in the cache folder are not recomputed)",
         "",
         f"Command: `python -m bench.allocators --prompt-len {P} --gen-len {G} --calib-windows {args.calib_windows} "
-        f"--tune-windows {args.tune_windows} --test-windows {args.test_windows} --test-shift {args.test_shift:g}`",
+        f"--tune-windows {args.tune_windows} --test-windows {args.test_windows} "
+        f"--test-shift {' '.join(f'{x:g}' for x in args.test_shift)} "
+        f"--context-windows {args.context_windows}`",
         "",
         "## Protocol",
         "",
@@ -246,14 +292,19 @@ def main(argv=None):
         f"- Calibration: sensitivity profiles from {len(calib_windows)} Botchan windows (first third of the book): "
         "NLL increase when only one layer keeps a fraction f of the prompt (f in "
         f"{', '.join(f'{f:g}' for f in profiles[policies[0]].budgets)}), all others full; one file per policy in "
-        "squeeze_ops/profiles/.",
+        "squeeze_ops/profiles/. In context (" + ", ".join(CONTEXT_POLICIES) + f"): {len(context_windows)} Botchan "
+        "windows of the first third; at each operating point c in " + ", ".join(f"{c:g}" for c in CONTEXTS)
+        + ", the NLL change when only one layer keeps f = c x (" + ", ".join(f"{m:g}" for m in IN_CONTEXT_MULTIPLES)
+        + ") of the prompt while every other layer keeps c; one file per policy and c.",
+        f"- Coverage: reads the column scores of the last {OBSERVE} prompt queries (recomputed from the prefill's "
+        "lse for h2o, whose own scores cover every query).",
         f"- Tuning: {len(tune_windows)} Botchan windows (the other two thirds); per policy and allocator family the "
         "candidate with the lowest mean dNLL over windows and the four budgets is kept.",
-        f"- Test: {len(test_windows)} windows of pydoc_data.topics ({len(pydoc)} tokens, evenly spread, shifted by "
-        f"{args.test_shift:g} of their spacing), not looked at while choosing anything. `vs uniform`: mean over "
-        "windows of NLL(allocator) - NLL(uniform) at the same policy and budget, ± its standard error; `wins`: "
-        "windows where that difference is < 0."
-        + (" These windows are disjoint from those of --test-shift 0." if args.test_shift else ""),
+        f"- Test: {len(test_windows)} windows of pydoc_data.topics ({len(pydoc)} tokens): {args.test_windows} evenly "
+        "spread windows per shift (" + ", ".join(f"{x:g}" for x in args.test_shift) + " of their spacing), not "
+        "looked at while choosing anything. `vs uniform`: mean over windows of NLL(allocator) - NLL(uniform) at the "
+        "same policy and budget, ± its standard error; `wins`: windows where that difference is < 0. Windows of "
+        "different shifts (and of the shifts 0 and 0.5 that earlier runs reported on) are disjoint.",
         "",
         "## Held-out results (pydoc)",
         "",
@@ -349,14 +400,16 @@ def targets(best_by_cell, tested, chosen, policies):
 def diagnostics_section(runner, prompt, gen, chosen):
     """Similarity profile, groups and budgets (nominal / effective) of every kept allocator at 20%
     on one window, with the planner's warnings."""
-    record, _ = runner.prefill([prompt], scores=False)
+    record, _ = runner.prefill([prompt], scores=False, observe=OBSERVE)
+    observed = pad_observed(record.observed, record.prompt_lens)
     lens = torch.tensor([len(prompt)], dtype=torch.int32)
     capacity = lens + gen
     out = ["Budgets at 20% (uniform, the paper's squeeze p=0.3 and h2o's tuned allocators; nominal/effective "
            "where they differ):", ""]
     columns, messages = {}, []
     for fam, alloc in {"uniform": Uniform(), "paper": Squeeze(0.3), **chosen["h2o"]}.items():
-        plan = allocate(record.cos_sum, lens, alloc, b_init=0.2, capacity=capacity, min_budget=2)
+        plan = allocate(record.cos_sum, lens, alloc, b_init=0.2, capacity=capacity, min_budget=2, observed=observed,
+                        policy=ev.POLICIES["h2o"])
         diag = diagnose(plan, capacity, alloc, warn=False)
         columns[alloc.describe()] = [n if n == e else f"{n}/{e}" for n, e in zip(diag.nominal[0], diag.effective[0])]
         messages += [f"{alloc.describe()}: {m}" for m in diag.messages]

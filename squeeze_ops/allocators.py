@@ -14,11 +14,15 @@ lengths, what a layer can hold and the policy's smallest workable budget.
     Pyramid(ratio)            fixed linear ramp, `ratio` times more budget in the first layer
                               than in the last (PyramidKV)
     Calibrated(profile, ...)  greedy marginal-gain allocation over a per-model sensitivity
-                              profile measured once on calibration text (SensitivityProfile)
+                              profile measured once on calibration text (SensitivityProfile),
+                              alone or around the operating point (in context)
+    Coverage(gamma, ...)      per request: every layer keeps the same share of its weighted
+                              observed attention mass (last W prompt queries), weights
+                              (1 - similarity)^gamma
     Fixed(budgets)            explicit per-layer budgets in tokens (measurement, replay)
 
 Totals: the allocators that redistribute (Squeeze(clamp=True), Continuous, Pyramid,
-Calibrated) give every sequence exactly the uniform baseline's total L * floor(base), so they
+Calibrated, Coverage) give every sequence exactly the uniform baseline's total L * floor(base), so they
 are compared with Uniform at equal KV held, unless the policy's minimum budget per layer
 needs more (floors win) or the layers cannot hold that much (capacity wins). The faithful
 Squeeze keeps its own rounding (L * base - L < total <= L * base) and may give a layer more
@@ -31,7 +35,7 @@ torch.compile(fullgraph=True) region.
 import json
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -51,6 +55,10 @@ class Request(NamedTuple):
     prompt_lens: int [B] prompt tokens.
     capacity:    int [B] tokens one layer can hold (prompt + tokens still to generate).
     min_budget:  smallest workable budget of a layer (the policy's guard, e.g. sinks + 1).
+    observed:    fp32 [B, L, Hkv, T_max] or None: per layer and KV head the attention mass each
+                 prompt position received from the last W prompt queries (prefill_attention's
+                 scores with score_window = W), 0 past a prompt's end; read by Coverage.
+    policy:      the SequencePolicy the caches evict with, or None; read by Coverage.
     """
 
     similarity: torch.Tensor
@@ -58,6 +66,8 @@ class Request(NamedTuple):
     prompt_lens: torch.Tensor
     capacity: torch.Tensor
     min_budget: int
+    observed: Optional[torch.Tensor] = None
+    policy: object = None
 
     @property
     def num_layers(self):
@@ -204,6 +214,16 @@ class Uniform:
         return "uniform"
 
 
+def _check_spread(gamma, floor, cap):
+    """The parameters shared by Continuous and Coverage."""
+    if not gamma >= 0:
+        raise ValueError(f"gamma: expected gamma >= 0, got {gamma}")
+    if not 0 <= floor <= 1:
+        raise ValueError(f"floor: expected a fraction of the base in [0, 1], got {floor}")
+    if not cap >= 1:
+        raise ValueError(f"cap: expected a multiple of the base >= 1, got {cap}")
+
+
 @dataclass(frozen=True)
 class Continuous:
     """Budget proportional to (1 - similarity_l)^gamma: the less attention changed a layer's
@@ -220,12 +240,7 @@ class Continuous:
     uses_groups = False
 
     def __post_init__(self):
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma: expected gamma >= 0, got {self.gamma}")
-        if not 0 <= self.floor <= 1:
-            raise ValueError(f"floor: expected a fraction of the base in [0, 1], got {self.floor}")
-        if not self.cap >= 1:
-            raise ValueError(f"cap: expected a multiple of the base >= 1, got {self.cap}")
+        _check_spread(self.gamma, self.floor, self.cap)
 
     def allocate(self, request):
         # (1 - s) is clamped away from 0 so that a layer of similarity 1 still gets its floor
@@ -265,6 +280,116 @@ class Pyramid:
         return f"pyramid ratio={self.ratio:g}"
 
 
+def retained_mass(observed, prompt_lens, policy):
+    """Share of each layer's observed attention mass that a cache of b slots keeps, b = 0..T_max.
+
+    observed: fp32 [B, L, Hkv, T_max] (Request.observed); prompt_lens int [B]; policy: a
+    SequencePolicy. The kept set of b slots (reference.kept_positions): window, the newest b
+    positions; streaming, the first `sinks` and the newest b - sinks; h2o, the b positions of highest observed mass per
+    KV head (the heavy hitters that the recent queries see; the recent share is not modelled).
+    Returns float64 [B, L, T_max + 1], non-decreasing in b, 0 at b = 0 and 1 from b = T on.
+    """
+    B, L, _, T_max = observed.shape
+    per_head = observed.double()
+    if policy.kind == "h2o":
+        kept = per_head.sort(dim=-1, descending=True).values.sum(2).cumsum(-1)
+        kept = torch.cat([torch.zeros_like(kept[..., :1]), kept], -1)
+    else:
+        prefix = per_head.sum(2).cumsum(-1)
+        prefix = torch.cat([torch.zeros_like(prefix[..., :1]), prefix], -1)  # [B, L, T_max + 1]: mass before j
+
+        def mass_before(j):  # j [B, T_max + 1] -> [B, L, T_max + 1]
+            return prefix.gather(-1, j[:, None, :].expand(B, L, -1))
+
+        b = torch.arange(T_max + 1, device=observed.device)
+        T = prompt_lens.long()[:, None].expand(B, T_max + 1)
+        s = T.clamp(max=policy.sinks if policy.kind == "streaming" else 0)
+        # b <= s: the newest b sinks [s - b, s); b > s: the sinks [0, s) and the newest [max(T - b + s, s), T).
+        sinks = mass_before(s) - mass_before((s - b).clamp(min=0))
+        newest = mass_before(T) - mass_before(torch.maximum(T - b + s, s).clamp(max=T_max))
+        kept = sinks + torch.where((b > s)[:, None, :], newest, torch.zeros_like(newest))
+    total = kept[..., -1:].clamp_min(1e-30)
+    return (kept / total).clamp(max=1.0)
+
+
+def _budget_for_share(curves, share):
+    """Smallest (real) b with curves[..., b] >= share, by linear interpolation between slots.
+    curves float64 [B, L, n] non-decreasing; share float64 [B, L]. Returns float64 [B, L]."""
+    n = curves.shape[-1]
+    j = torch.searchsorted(curves, share[..., None].contiguous()).clamp(1, n - 1)  # first C[j] >= share
+    c0, c1 = curves.gather(-1, j - 1)[..., 0], curves.gather(-1, j)[..., 0]
+    step = ((share - c0) / (c1 - c0).clamp_min(1e-30)).clamp(0, 1)
+    b = (j[..., 0] - 1).double() + step
+    return torch.where(share <= 0, torch.zeros_like(b), b)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Per request, from the prefill's observed attention: every layer keeps the same share of
+    its weighted attention mass (minimax), with weights w_l = (1 - similarity_l)^gamma.
+
+    C_l(b) = share of layer l's attention mass, as the last `window` prompt queries spread it,
+    that the policy keeps with b slots (retained_mass). The budgets solve
+        min_alpha  such that  b_l = smallest b with w_l (1 - C_l(b)) <= alpha w_max,
+        clamped to [floor * base, cap * base] (and what a layer can hold), sum_l b_l <= total,
+    by bisection on alpha (a fixed number of steps: no host synchronisation), so a layer whose
+    attention is spread wide, or whose residual stream attention changes most, gets more; the
+    uniform total is then filled exactly. gamma = 0 equalises the kept share alone.
+    Needs Request.observed (SqueezeKVCache.build reads it from a prefill with observe=window)
+    and Request.policy.
+    """
+
+    gamma: float = 0.5
+    floor: float = 0.75
+    cap: float = 1.5
+    window: int = 32
+
+    uses_groups = False
+    STEPS = 40
+
+    def __post_init__(self):
+        _check_spread(self.gamma, self.floor, self.cap)
+        if self.window < 1:
+            raise ValueError(f"window: expected >= 1 observed queries, got {self.window}")
+
+    @property
+    def observation_window(self):
+        return self.window
+
+    def allocate(self, request):
+        if request.observed is None or request.policy is None:
+            raise ValueError("observed: Coverage needs the prefill's observed attention (prefill with "
+                             f"observe={self.window}) and the policy")
+        B, L = request.similarity.shape
+        if request.observed.dim() != 4 or request.observed.shape[:2] != (B, L):
+            raise ValueError(f"observed: expected [B={B}, L={L}, Hkv, T_max], got {tuple(request.observed.shape)}")
+        curves = retained_mass(request.observed, request.prompt_lens, request.policy)
+        w = (1.0 - request.similarity.double()).clamp_min(1e-6).pow(self.gamma)
+        w = w / w.max(dim=1, keepdim=True).values
+        base = request.base.double()[:, None]
+        lo, hi = request.bounds(low=self.floor * base, high=self.cap * base)
+        total = request.total()
+
+        def budgets(alpha):
+            return _budget_for_share(curves, 1.0 - alpha / w).clamp(min=lo).minimum(hi)
+
+        # The sum falls as alpha grows: keep [a, b] with sum(b) <= total < sum(a).
+        a = torch.zeros_like(total)
+        b = torch.ones_like(total)
+        for _ in range(self.STEPS):
+            mid = (a + b) / 2
+            fits = budgets(mid).sum(1, keepdim=True) <= total
+            a, b = torch.where(fits, a, mid), torch.where(fits, mid, b)
+        x = budgets(b)
+        x = water_fill(torch.ones_like(x), total, x, torch.maximum(hi, x))
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return round_to_total(x, total, hi), labels, centroids
+
+    def describe(self):
+        return f"coverage gamma={self.gamma:g} floor={self.floor:g} cap={self.cap:g}" + (
+            "" if self.window == 32 else f" window={self.window}")
+
+
 @dataclass(frozen=True)
 class Fixed:
     """Explicit per-layer budgets in tokens, the same for every sequence (at least min_budget).
@@ -290,11 +415,15 @@ class Fixed:
 class SensitivityProfile:
     """How much one model's loss rises when a single layer's cache is compressed.
 
-    values[j][l]: mean NLL increase (nats/token) over the full cache when only layer l keeps
-    budgets[j] * prompt length tokens (under `policy`), every other layer its full cache.
-    budgets: increasing fractions of the prompt, all in (0, 1). Measured once per model and
-    policy on calibration text (squeeze_ops.calibration.measure_profile); keep the file next
-    to the model's settings and load it at run time.
+    values[j][l]: mean NLL change (nats/token) when only layer l keeps budgets[j] * prompt
+    length tokens (under `policy`) while every other layer keeps `context` * prompt length
+    tokens, relative to every layer at `context`. context = 1: the other layers keep their full
+    cache (the layer's loss in isolation); context < 1: the profile is measured around that
+    operating point (in context: values above it are gains, below it losses), which sees how
+    layers interact once all of them are compressed. budgets: increasing fractions of the
+    prompt, all in (0, 1). Measured once per model, policy and context on calibration text
+    (squeeze_ops.calibration.measure_profile); keep the file next to the model's settings and
+    load it at run time.
     """
 
     model: str
@@ -303,17 +432,20 @@ class SensitivityProfile:
     budgets: tuple
     values: tuple
     source: str = ""
+    context: float = 1.0
 
     def __post_init__(self):
         if list(self.budgets) != sorted(set(self.budgets)) or not all(0 < f < 1 for f in self.budgets):
             raise ValueError(f"budgets: expected increasing fractions in (0, 1), got {self.budgets}")
         if len(self.values) != len(self.budgets) or any(len(row) != self.num_layers for row in self.values):
             raise ValueError(f"values: expected {len(self.budgets)} rows of {self.num_layers} layer values")
+        if not 0 < self.context <= 1:
+            raise ValueError(f"context: expected a fraction of the prompt in (0, 1], got {self.context}")
 
     def to_json(self):
         return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "model": self.model,
-                "num_layers": self.num_layers, "policy": self.policy, "budgets": list(self.budgets),
-                "values": [list(row) for row in self.values], "source": self.source}
+                "num_layers": self.num_layers, "policy": self.policy, "context": self.context,
+                "budgets": list(self.budgets), "values": [list(row) for row in self.values], "source": self.source}
 
     @classmethod
     def from_json(cls, data):
@@ -321,7 +453,8 @@ class SensitivityProfile:
             raise ValueError(f"profile: expected format {PROFILE_FORMAT!r} version {PROFILE_VERSION}, got "
                              f"{data.get('format')!r} version {data.get('version')}")
         return cls(data["model"], int(data["num_layers"]), data["policy"], tuple(float(f) for f in data["budgets"]),
-                   tuple(tuple(float(v) for v in row) for row in data["values"]), data.get("source", ""))
+                   tuple(tuple(float(v) for v in row) for row in data["values"]), data.get("source", ""),
+                   float(data.get("context", 1.0)))
 
     def save(self, path):
         with open(path, "w") as f:
@@ -333,20 +466,36 @@ class SensitivityProfile:
         with open(path) as f:
             return cls.from_json(json.load(f))
 
+    def loss_curves(self):
+        """Per layer, the loss at the knots budgets + (1,) as a non-negative, non-increasing
+        list ending at 0 (host data). Past the largest measured budget the loss is taken flat:
+        exactly 0 at the full prompt for context = 1, no further gain assumed otherwise."""
+        curves = []
+        for layer in range(self.num_layers):
+            tail = 0.0 if self.context == 1 else self.values[-1][layer]
+            loss = [max(row[layer] - tail, 0.0) for row in self.values] + [0.0]
+            for j in range(len(loss) - 2, -1, -1):
+                loss[j] = max(loss[j], loss[j + 1])
+            curves.append(loss)
+        return curves
+
 
 @dataclass(frozen=True)
 class Calibrated:
-    """Greedy marginal-gain allocation over a SensitivityProfile.
+    """Greedy marginal-gain allocation over sensitivity profiles.
 
+    profile: one SensitivityProfile, or a tuple of profiles of one model and policy measured
+        at different contexts (each with as many budgets); every sequence uses the profile
+        whose context is nearest to its base budget / prompt length (ties: the smaller).
     Each layer's loss as a function of its budget is the profile's curve (piecewise linear
-    between the measured fractions, 0 at the full prompt), made non-negative, non-increasing
-    and convex (lower hull: diminishing returns). Every layer starts at the smallest measured
-    fraction of the prompt (and at least `floor` * base); the rest of the uniform total buys
-    budget segments in order of loss removed per token, which is optimal for a sum of convex
-    curves. Budget no segment pays for raises the smallest layers.
+    between the measured fractions, SensitivityProfile.loss_curves), made convex (lower hull:
+    diminishing returns). Every layer starts at the smallest measured fraction of the prompt
+    (and at least `floor` * base); the rest of the uniform total buys budget segments in order
+    of loss removed per token, which is optimal for a sum of convex curves. Budget no segment
+    pays for raises the smallest layers.
     """
 
-    profile: SensitivityProfile
+    profile: object
     floor: float = 0.0
 
     uses_groups = False
@@ -354,33 +503,53 @@ class Calibrated:
     def __post_init__(self):
         if not 0 <= self.floor <= 1:
             raise ValueError(f"floor: expected a fraction of the base in [0, 1], got {self.floor}")
+        profiles = self.profiles
+        if not profiles or not all(isinstance(p, SensitivityProfile) for p in profiles):
+            raise ValueError("profile: expected a SensitivityProfile or a non-empty tuple of them")
+        first = profiles[0]
+        if any((p.model, p.num_layers, p.policy, len(p.budgets)) != (first.model, first.num_layers, first.policy,
+                                                                       len(first.budgets)) for p in profiles):
+            raise ValueError("profile: the profiles must share model, layers, policy and number of budgets")
+        if len({p.context for p in profiles}) != len(profiles):
+            raise ValueError(f"profile: expected distinct contexts, got {[p.context for p in profiles]}")
+
+    @property
+    def profiles(self):
+        """The profiles as a tuple sorted by context."""
+        profiles = self.profile if isinstance(self.profile, tuple) else (self.profile,)
+        return tuple(sorted(profiles, key=lambda p: p.context))
 
     @cached_property
     def _curves(self):
-        """(knots (m + 1 fractions ending at 1), gains (L x m: loss removed per unit fraction on
-        each segment, non-increasing along the segments)) as tuples: host data, computed once."""
-        knots = list(self.profile.budgets) + [1.0]
-        gains = []
-        for layer in range(self.profile.num_layers):
-            loss = [max(row[layer], 0.0) for row in self.profile.values] + [0.0]
-            for j in range(len(loss) - 2, -1, -1):  # non-increasing in the budget
-                loss[j] = max(loss[j], loss[j + 1])
-            gains.append(tuple(_convex_slopes(knots, loss)))
-        return tuple(knots), tuple(gains)
+        """(contexts (K), knots (K x (m + 1) fractions ending at 1), gains (K x L x m: loss removed
+        per unit fraction on each segment, non-increasing along the segments)) as tuples: host
+        data, computed once."""
+        contexts, knots, gains = [], [], []
+        for prof in self.profiles:
+            row = list(prof.budgets) + [1.0]
+            contexts.append(prof.context)
+            knots.append(tuple(row))
+            gains.append(tuple(tuple(_convex_slopes(row, loss)) for loss in prof.loss_curves()))
+        return tuple(contexts), tuple(knots), tuple(gains)
 
     def allocate(self, request):
         B, L = request.similarity.shape
-        if self.profile.num_layers != L:
-            raise ValueError(f"profile: measured on {self.profile.num_layers} layers, the model has {L}")
+        num_layers = self.profiles[0].num_layers
+        if num_layers != L:
+            raise ValueError(f"profile: measured on {num_layers} layers, the model has {L}")
         device = request.similarity.device
-        knots, gains = self._curves
-        knots = _on_device(knots, torch.float64, device)
-        gains = _on_device(gains, torch.float64, device).expand(B, L, -1)
+        contexts, knots, gains = self._curves
         prompt = request.prompt_lens.double()[:, None]
-        lo, hi = request.bounds(low=torch.maximum(knots[0] * prompt, self.floor * request.base.double()[:, None]))
+        # The profile of each sequence: nearest context to its base budget per prompt token.
+        contexts = _on_device(contexts, torch.float64, device)
+        fraction = request.base.double()[:, None] / prompt.clamp_min(1)
+        pick = (fraction - contexts).abs().argmin(dim=1)
+        knots = _on_device(knots, torch.float64, device)[pick]  # [B, m + 1]
+        gains = _on_device(gains, torch.float64, device)[pick]  # [B, L, m]
+        lo, hi = request.bounds(low=torch.maximum(knots[:, :1] * prompt, self.floor * request.base.double()[:, None]))
         # Segment j of layer l covers [knots[j] * T, knots[j + 1] * T], cut below at lo.
-        starts = torch.maximum(knots[:-1] * prompt[:, :, None], lo[:, :, None])
-        ends = torch.maximum(knots[1:] * prompt[:, :, None], lo[:, :, None])
+        starts = torch.maximum((knots[:, :-1] * prompt)[:, None, :], lo[:, :, None])
+        ends = torch.maximum((knots[:, 1:] * prompt)[:, None, :], lo[:, :, None])
         lengths = torch.where(gains > 0, ends - starts, 0.0)
         order = gains.reshape(B, -1).argsort(dim=1, descending=True, stable=True)
         sorted_len = lengths.reshape(B, -1).gather(1, order)
@@ -394,7 +563,9 @@ class Calibrated:
         return round_to_total(x, request.total(), hi), labels, centroids
 
     def describe(self):
-        return "calibrated" + (f" floor={self.floor:g}" if self.floor else "")
+        contexts = [p.context for p in self.profiles]
+        where = "" if contexts == [1.0] else " in context " + "/".join(f"{c:g}" for c in contexts)
+        return "calibrated" + where + (f" floor={self.floor:g}" if self.floor else "")
 
 
 def _convex_slopes(knots, loss):

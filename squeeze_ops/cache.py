@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .planner import allocate, diagnose
+from .planner import allocate, diagnose, pad_observed
 from .policies import SequencePolicy, SqueezeSettings
 
 
@@ -32,6 +32,8 @@ class PrefillRecord:
     prompt_lens: host list of the B prompt lengths; cu_seqlens int32 [B+1] on the device.
     keys/values: per layer, the packed prompt K/V [T_total, Hkv, D], keys after RoPE.
     scores:      per layer, H2O column scores fp32 [T_total, Hkv] (empty when not computed).
+    observed:    per layer, column scores of each prompt's last `observe_window` queries
+                 fp32 [T_total, Hkv] (the Coverage allocator's signal; empty list when not asked).
     cos_sum:     fp32 [L, B], per layer and prompt the sum over its tokens of
                  cos(x_in, x_mid), accumulated in place by add_rmsnorm_cossim.
     """
@@ -42,6 +44,8 @@ class PrefillRecord:
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
     scores: list = field(default_factory=list)
+    observed: list = field(default_factory=list)
+    observe_window: int = 0
 
     @classmethod
     def start(cls, prompt_lens, num_layers, device):
@@ -74,7 +78,7 @@ class PrefillRecord:
 
     @property
     def nbytes(self):
-        return sum(_nbytes(t) for t in self.keys + self.values + self.scores)
+        return sum(_nbytes(t) for t in self.keys + self.values + self.scores + self.observed)
 
 
 def _nbytes(t):
@@ -251,6 +255,16 @@ class SqueezeKVCache:
         )
 
 
+def observation_window(settings):
+    """Prompt queries whose column scores the settings' allocators read (Coverage), 0 if none:
+    the `observe` a prefill needs. settings: SqueezeSettings, None or a list of them."""
+    settings = settings if isinstance(settings, (list, tuple)) else [settings]
+    windows = {getattr(s.strategy, "observation_window", 0) for s in settings if s is not None} - {0}
+    if len(windows) > 1:
+        raise ValueError(f"settings: allocators observing different windows {sorted(windows)} in one batch")
+    return windows.pop() if windows else 0
+
+
 def _plan(record, source, settings, prompt_lens, horizon, policy):
     """Budgets [B, L] per sequence by its settings; sequences sharing settings are planned in
     one planner call, whose diagnostics warn when it wastes budget or degenerates. The full
@@ -259,6 +273,7 @@ def _plan(record, source, settings, prompt_lens, horizon, policy):
     device = record.cos_sum.device
     cos_sum = record.cos_sum[:, source]
     similarity = record.similarity[source]
+    observed = None
     planned = horizon[:, None].expand(batch, num_layers).contiguous()
     labels = torch.full((batch, num_layers), -1, dtype=torch.int32, device=device)
     plans = []
@@ -267,10 +282,17 @@ def _plan(record, source, settings, prompt_lens, horizon, policy):
             raise TypeError(f"settings: expected SqueezeSettings or None, got {type(setting).__name__}")
         members = [i for i, s in enumerate(settings) if s == setting]
         rows = torch.tensor(members, device=device)
+        window = getattr(setting.strategy, "observation_window", 0)
+        if window:
+            if record.observe_window != window:
+                raise ValueError(f"record: {setting.strategy.describe()} needs the column scores of the last {window} "
+                                 f"prompt queries; prefill with observe={window} (got {record.observe_window})")
+            observed = pad_observed(record.observed, record.prompt_lens, [source[i] for i in members])
         plan = allocate(
             cos_sum[:, rows].contiguous(), prompt_lens[rows], setting.strategy, b_init=setting.b_init,
             base_tokens=setting.base_tokens, capacity=horizon[rows], min_budget=policy.min_budget,
-            max_budget=horizon[rows] if setting.clamp else None)
+            max_budget=horizon[rows] if setting.clamp else None, observed=observed if window else None,
+            policy=policy)
         diagnose(plan, horizon[rows], setting.strategy, sequences=members)
         planned[rows] = plan.budgets.to(torch.int32)
         labels[rows] = plan.labels.to(torch.int32)

@@ -2,14 +2,19 @@
 
 For every calibration window (a prompt and its continuation) and every measured budget
 fraction f: the loss of the continuation, teacher-forced through the library's decode path,
-when only layer l keeps f * prompt tokens (under the given policy) and every other layer its
-full cache, minus the loss with the full cache everywhere. The L x len(fractions) settings of
-one window decode as batches of one cache (per-sequence budgets, prompts forked).
+when only layer l keeps f * prompt tokens (under the given policy) and every other layer
+`context` * prompt tokens (context = 1: its full cache), minus the loss with every layer at
+the context. The L x len(fractions) settings of one window decode as batches of one cache
+(per-sequence budgets, prompts forked).
 
     profile = measure_profile(runner, windows, SequencePolicy.h2o(), "SmolLM2-135M-Instruct")
     profile.save("models/smollm2/sensitivity.h2o.json")       # next to the model's settings
     ...
     allocator = Calibrated(SensitivityProfile.load("models/smollm2/sensitivity.h2o.json"))
+
+In context (around the operating point, where the layers interact): one profile per budget the
+engine runs at, e.g. context 0.2 with fractions in_context_fractions(0.2); Calibrated takes the
+tuple of them and uses, per sequence, the one nearest to its budget.
 """
 import torch
 
@@ -18,22 +23,34 @@ from .cache import SqueezeKVCache
 from .policies import SqueezeSettings
 
 DEFAULT_FRACTIONS = (0.04, 0.1, 0.2, 0.4)
+# Budgets measured around an operating point c, as multiples of c: deep cut, half, c itself
+# (value 0 by definition, not decoded), more.
+IN_CONTEXT_MULTIPLES = (0.25, 0.5, 1.0, 1.75)
+
+
+def in_context_fractions(context):
+    """The fractions measured around the operating point `context` (< 1 / 1.75)."""
+    return tuple(m * context for m in IN_CONTEXT_MULTIPLES)
 
 
 def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS, batch=64, source="",
-                    progress=None):
+                    progress=None, context=1.0):
     """SensitivityProfile of `runner`'s model under `policy`.
 
     runner:    a LlamaRunner (prefill / score through the library's ops).
     windows:   list of (prompt, continuation) 1-D token id tensors.
     fractions: increasing budget fractions of the prompt in (0, 1) at which each layer is measured.
-    batch:     sequences decoded together (memory: each holds nearly a full cache).
+    context:   fraction of the prompt every other layer keeps (1: the full cache).
+    batch:     sequences decoded together (memory: each holds up to a full cache).
     progress:  optional callable(message) for a status line.
     values[j][l] = mean over windows of (mean NLL with layer l at fractions[j], every other layer
-    full) - (mean NLL with the full cache), nats/token.
+    at the context) - (mean NLL with every layer at the context), nats/token; 0 where
+    fractions[j] is the context itself.
     """
+    if not 0 < context <= 1:
+        raise ValueError(f"context: expected a fraction of the prompt in (0, 1], got {context}")
     num_layers = runner.num_layers
-    cells = [(j, layer) for j in range(len(fractions)) for layer in range(num_layers)]
+    cells = [(j, layer) for j, f in enumerate(fractions) if f != context for layer in range(num_layers)]
     totals = torch.zeros(len(fractions), num_layers, dtype=torch.float64)
     for w, (prompt, continuation) in enumerate(windows):
         record, first = runner.prefill([prompt], scores=policy.needs_scores, score_window=policy.score_window)
@@ -41,25 +58,30 @@ def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS,
         full = len(prompt) + gen
         targets = continuation[None].to(runner.device)
 
+        def fixed(budgets):
+            return SqueezeSettings(base_tokens=1, allocator=Fixed(tuple(budgets)))
+
         def nll_of(settings):
             cache = SqueezeKVCache.build(record, policy, settings, gen, source=[0] * len(settings))
             n = len(settings)
             nll, _ = runner.score(cache, first.expand(n, -1), targets.expand(n, -1))
             return nll.double().mean(1).cpu()
 
-        reference = nll_of([None])[0]
+        # The operating point as the uniform allocation gives it: floor(context * T) per layer.
+        others = full if context == 1 else max(1, int(context * len(prompt)))
+        reference = nll_of([None if context == 1 else fixed([others] * num_layers)])[0]
         for start in range(0, len(cells), batch):
             chunk = cells[start : start + batch]
             if progress is not None:
-                progress(f"calibrating {policy.describe()}: window {w + 1}/{len(windows)}, "
+                progress(f"calibrating {policy.describe()} at {context:g}: window {w + 1}/{len(windows)}, "
                          f"settings {start + len(chunk)}/{len(cells)}")
             settings = []
             for j, layer in chunk:
-                budgets = [full] * num_layers
+                budgets = [others] * num_layers
                 budgets[layer] = max(1, round(fractions[j] * len(prompt)))
-                settings.append(SqueezeSettings(base_tokens=1, allocator=Fixed(tuple(budgets))))
+                settings.append(fixed(budgets))
             for (j, layer), nll in zip(chunk, nll_of(settings)):
                 totals[j, layer] += nll - reference
     values = totals / len(windows)
     return SensitivityProfile(model, num_layers, policy.describe(), tuple(fractions),
-                              tuple(tuple(row) for row in values.tolist()), source)
+                              tuple(tuple(row) for row in values.tolist()), source, context)

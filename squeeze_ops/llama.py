@@ -18,7 +18,8 @@ cache length (layers hold different numbers of tokens).
 import torch
 import torch.nn.functional as F
 
-from .cache import PrefillRecord, SqueezeKVCache
+from .cache import PrefillRecord, SqueezeKVCache, observation_window
+from .planner import observed_attention
 
 # Scores are requested from prefill_attention only for H2O; -1 asks for none.
 NO_SCORES = -1
@@ -108,16 +109,22 @@ class LlamaRunner:
         return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
 
     @torch.no_grad()
-    def prefill(self, prompts, *, scores=False, score_window=0):
+    def prefill(self, prompts, *, scores=False, score_window=0, observe=0):
         """Full-attention prefill of B prompts (1-D token id tensors, ragged lengths).
 
         scores:       compute H2O column scores (needed by the h2o policy); score_window
                       W > 0 sums them over the last W queries of each prompt only.
+        observe:      N > 0 also records the column scores of the last N queries (the Coverage
+                      allocator's signal): the op's own scores when they are exactly those,
+                      else recomputed for N queries from its lse (planner.observed_attention).
         Returns (record, logits): the PrefillRecord for SqueezeKVCache.build and the logits
         [B, V] of each prompt's last token (the prediction of its first new token).
         """
         lens = [len(p) for p in prompts]
         record = PrefillRecord.start(lens, self.num_layers, self.device)
+        record.observe_window = observe
+        # Without policy scores, the op computes the observed ones in the same pass.
+        op_window = score_window if scores else (observe if observe else NO_SCORES)
         ids = torch.cat([torch.as_tensor(p, device=self.device) for p in prompts]).long()
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         cos, sin = self._rope(positions)
@@ -125,9 +132,12 @@ class LlamaRunner:
         x = F.embedding(ids, self.embed)
         for layer, w in enumerate(self.layers):
             q, k, v = self._qkv(w, x, cos, sin)
-            out, _, col_scores = torch.ops.squeeze.prefill_attention(
-                q, k, v, cu, record.max_seqlen, self.scale, score_window if scores else NO_SCORES)
-            record.add_layer(k, v, col_scores)
+            out, lse, col_scores = torch.ops.squeeze.prefill_attention(
+                q, k, v, cu, record.max_seqlen, self.scale, op_window)
+            record.add_layer(k, v, col_scores if scores else col_scores[:0])
+            if observe:
+                record.observed.append(
+                    col_scores if op_window == observe else observed_attention(q, k, lse, lens, observe, self.scale))
             self._finish_layer(w, x, out, cu, record.cos_sum[layer])
         return record, self._logits(x[cu[1:].long() - 1])
 
@@ -151,7 +161,8 @@ class LlamaRunner:
     def generate(self, prompts, policy, settings, max_new_tokens):
         """Greedy decoding of max_new_tokens per prompt through a squeezed cache (prefill,
         plan, compress, decode). Returns (tokens int64 [B, max_new_tokens], cache)."""
-        record, logits = self.prefill(prompts, scores=policy.needs_scores, score_window=policy.score_window)
+        record, logits = self.prefill(prompts, scores=policy.needs_scores, score_window=policy.score_window,
+                                      observe=observation_window(settings))
         cache = SqueezeKVCache.build(record, policy, settings, max_new_tokens)
         return self.greedy(cache, logits, max_new_tokens), cache
 

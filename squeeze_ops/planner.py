@@ -48,6 +48,8 @@ def allocate(
     capacity: Optional[torch.Tensor] = None,
     min_budget: int = 1,
     max_budget: Union[int, torch.Tensor, None] = None,
+    observed: Optional[torch.Tensor] = None,
+    policy=None,
 ) -> BudgetPlan:
     """Per-layer budgets of every sequence from the similarity sums of its prompt, by any
     allocator of squeeze_ops.allocators (default: the authors' formula, Squeeze()).
@@ -64,6 +66,9 @@ def allocate(
         generate; default the prompt): the cap of the allocators that redistribute.
     min_budget: smallest budget of any layer (the policy's guard: sinks + 1, 2 for H2O).
     max_budget: number or int32 [B], optional hard cap applied last (no redistribution).
+    observed: fp32 [B, L, Hkv, T_max], the attention mass each prompt position received from the
+        last W prompt queries (pad_observed of observed_attention or prefill_attention's scores
+        with score_window = W), and policy: the SequencePolicy; needed by Coverage only.
     Returns a BudgetPlan (budgets int32 [B, L], labels, centroids, similarity), all on cos_sum's
     device, without reading anything back to the host.
     """
@@ -86,7 +91,12 @@ def allocate(
         base = base_tokens.to(torch.float32)
     else:
         base = torch.full((B,), float(base_tokens), dtype=torch.float32, device=cos_sum.device)
-    request = Request(similarity, base, prompt_lens, capacity, min_budget)
+    if observed is not None:
+        _meta.check_dtype(observed, torch.float32, "observed")
+        _meta.check(observed.dim() == 4 and observed.shape[:2] == (B, cos_sum.shape[0]),
+                    f"observed: expected shape [B={B}, L={cos_sum.shape[0]}, Hkv, T_max], got {tuple(observed.shape)}")
+        _meta.check_device(observed, cos_sum, "observed", "cos_sum")
+    request = Request(similarity, base, prompt_lens, capacity, min_budget, observed, policy)
     budgets, labels, centroids = allocator.allocate(request)
     if max_budget is not None:
         if not isinstance(max_budget, torch.Tensor):
@@ -113,6 +123,49 @@ def plan_budgets(
     """
     return allocate(cos_sum, prompt_lens, Squeeze(p, k), b_init=b_init, base_tokens=base_tokens,
                     min_budget=min_budget, max_budget=max_budget)
+
+
+def observed_attention(q, k, lse, prompt_lens, window, scale):
+    """Column scores of the last `window` queries of every prompt, from a prefill that computed
+    another kind (e.g. H2O's all-query scores): the signal of the Coverage allocator.
+
+        observed[j, g] = sum_{h in group g} sum_{i in the last W queries, i >= j}
+                         exp(scale * q_i,h . k_j,g - lse[i, h])
+    i.e. prefill_attention's scores with score_window = W, recomputed for W queries per prompt
+    from its lse (W x T work per head, plain PyTorch). q [T, H, D], k [T, Hkv, D] packed,
+    lse fp32 [T, H] (prefill_attention's), prompt_lens: host list of the B lengths.
+    Returns fp32 [T, Hkv].
+    """
+    Hkv = k.shape[1]
+    group = q.shape[1] // Hkv
+    out = torch.zeros(q.shape[0], Hkv, dtype=torch.float32, device=q.device)
+    start = 0
+    for n in prompt_lens:
+        first = max(n - window, 0)
+        qs = q[start + first : start + n].float()  # [W, H, D]
+        # [n, H, D]: query head h reads KV head h // group
+        ks = k[start : start + n].float().repeat_interleave(group, 1)
+        logits = scale * torch.einsum("ihd,jhd->hij", qs, ks)  # [H, W, n]
+        causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(first, n, device=q.device)[:, None]
+        p = torch.exp(logits - lse[start + first : start + n].float().t()[:, :, None]).masked_fill(~causal, 0.0)
+        out[start : start + n] = p.sum(1).view(Hkv, group, n).sum(1).t()
+        start += n
+    return out
+
+
+def pad_observed(per_layer, prompt_lens, rows=None):
+    """Per-layer packed column scores (L tensors [T_total, Hkv]) as fp32 [B, L, Hkv, T_max],
+    zero past each prompt's end; rows: optional host list of prompt indices to take (forks)."""
+    lens = list(prompt_lens)
+    rows = list(range(len(lens))) if rows is None else list(rows)
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    t_max = max(lens[i] for i in rows)
+    L, Hkv = len(per_layer), per_layer[0].shape[1]
+    out = torch.zeros(len(rows), L, Hkv, t_max, dtype=torch.float32, device=per_layer[0].device)
+    for b, i in enumerate(rows):
+        for layer, scores in enumerate(per_layer):
+            out[b, layer, :, : lens[i]] = scores[starts[i] : starts[i] + lens[i]].t()
+    return out
 
 
 def _check_lengths(lengths, B, cos_sum, name):

@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from squeeze_ops.allocators import Coverage  # noqa: E402
 from squeeze_ops.cache import SqueezeKVCache  # noqa: E402
 from squeeze_ops.llama import LlamaRunner  # noqa: E402
 from squeeze_ops.policies import SequencePolicy, SqueezeSettings  # noqa: E402
@@ -88,6 +89,29 @@ def test_generate_is_greedy_decoding_of_hf(tiny):
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert tokens[b].tolist() == ref[0, len(prompt):].tolist()
     assert cache.positions.tolist() == [LENS[0] + 5, LENS[1] + 5]
+
+
+@pytest.mark.parametrize("scores,score_window", [(True, 0), (False, 0), (True, 5)])
+def test_prefill_observes_the_last_queries_whatever_the_policy_scores(tiny, scores, score_window):
+    """observe=W records the column scores of the last W queries: equal to a prefill whose own
+    scores are those, whether the op computed them or they were recomputed from its lse."""
+    model, prompts, _ = tiny
+    runner = LlamaRunner(model)
+    record, _ = runner.prefill(prompts, scores=scores, score_window=score_window, observe=5)
+    expected, _ = runner.prefill(prompts, scores=True, score_window=5)
+    assert record.observe_window == 5 and len(record.observed) == runner.num_layers
+    for got, want in zip(record.observed, expected.scores):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(s.numel() == 0 for s in record.scores) != scores
+
+
+def test_generate_with_coverage_budgets(tiny):
+    model, prompts, _ = tiny
+    runner = LlamaRunner(model)
+    settings = SqueezeSettings(b_init=0.5, allocator=Coverage(window=4))
+    tokens, cache = runner.generate(prompts, SequencePolicy.h2o(), settings, 3)
+    assert tokens.shape == (len(LENS), 3)
+    assert cache.budgets.sum(1).tolist() == [runner.num_layers * int(0.5 * n) for n in LENS]
 
 
 def test_score_returns_nll_and_top1(tiny):
