@@ -2,23 +2,25 @@
 library's ops, parameters tuned on Botchan, reported on held-out Python documentation text.
 
     python -m bench.allocators [--prompt-len 512] [--gen-len 32] [--calib-windows 3]
-                               [--tune-windows 10] [--test-windows 10]
-                               [--test-shift 0.25 -0.25] [--context-windows 8]
-                               [--recalibrate]
+                               [--context-windows 8] [--tune-windows 10] [--test-windows 10]
+                               [--test-shift 0.25 -0.25] [--test-gen-len G] [--test-policies ...]
+                               [--test-fractions ...] [--name allocators] [--recalibrate]
 
-1. Calibration (Botchan, first third of the book): the sensitivity profile of every policy
-   (squeeze_ops.calibration.measure_profile), saved to squeeze_ops/profiles/ and reused by
-   later runs unless --recalibrate.
+1. Calibration (Botchan, first third of the book): the sensitivity profiles of every policy
+   (squeeze_ops.calibration.measure_profile; alone, and in context at CONTEXTS for
+   CONTEXT_POLICIES), saved to squeeze_ops/profiles/ and reused by later runs unless
+   --recalibrate.
 2. Tuning (Botchan, the other two thirds): every candidate parameter of every allocator family
    at budgets 10/20/30/50%; per policy and family the candidate with the lowest NLL increase
    over the full cache, averaged over windows and budgets, is kept. The candidate grids were
    widened wherever an earlier Botchan tuning had its optimum on the edge of the grid.
 3. Held-out test (pydoc_data.topics, never looked at before): the kept allocators against
-   uniform at the same total budget; paired differences per window. --test-shift moves the
-   evenly spread windows by a fraction of their spacing, giving fresh windows disjoint from
-   those of another shift.
-Writes bench/results/allocators.md (and $OUT/allocators.md when OUT is set). Per-window results
-are cached under .data/allocators/ so an interrupted run resumes.
+   uniform at the same total budget; paired differences per window. Each --test-shift moves
+   the evenly spread windows by a fraction of their spacing, giving fresh windows disjoint
+   from those of other shifts; --test-gen-len scores longer continuations than the tuning
+   (less noise per window) with the parameters the tuning kept.
+Writes bench/results/NAME.md (and $OUT/NAME.md when OUT is set). Per-window results are cached
+under .data/allocators/ so an interrupted run resumes.
 """
 import argparse
 import hashlib
@@ -34,7 +36,6 @@ import torch
 from squeeze_ops import evaluation as ev
 from squeeze_ops.allocators import (Calibrated, Continuous, Coverage, Pyramid, SensitivityProfile, Squeeze,
                                    Uniform)
-from squeeze_ops.cache import SqueezeKVCache
 from squeeze_ops.calibration import IN_CONTEXT_MULTIPLES, in_context_fractions, measure_profile
 from squeeze_ops.planner import allocate, diagnose, pad_observed
 from squeeze_ops.policies import SqueezeSettings
@@ -126,15 +127,11 @@ def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
     todo = [c for c in cells if name(*c) not in done["cells"]]
     if not todo and "full" in done:
         return done
-    gen = len(continuation)
     record, first = runner.prefill([prompt], scores=True, observe=OBSERVE)
     targets = continuation[None].to(runner.device)
 
     def score(policy, settings, label):
-        n = len(settings)
-        cache = SqueezeKVCache.build(record, policy, settings, gen, source=[0] * n)
-        nll, top1 = runner.score(cache, first.expand(n, -1), targets.expand(n, -1),
-                                 on_step=lambda i: progress(label, i + 1, gen))
+        cache, nll, top1 = ev.score_batch(runner, (record, first), targets, policy, settings, label, progress)
         return cache, nll.double().mean(1).tolist(), top1
 
     _, (full_nll,), full_top1 = score(ev.POLICIES["window"], [None], "decode full cache")
@@ -189,7 +186,7 @@ def run_windows(runner, windows, cells, tag, args, progress):
     for i, (prompt, continuation) in enumerate(windows):
         progress(f"{tag} window {i + 1}/{len(windows)}")
         cache_file = os.path.join(args.data_dir, "allocators",
-                                  f"{tag}-P{args.prompt_len}-G{args.gen_len}-{i}of{len(windows)}.json")
+                                  f"{tag}-P{len(prompt)}-G{len(continuation)}-{i}of{len(windows)}.json")
         results.append(evaluate_window(runner, prompt, continuation, cells, cache_file, progress))
     return results
 
@@ -208,22 +205,21 @@ def main(argv=None):
                         help="Botchan windows (first third) of the in-context profiles")
     parser.add_argument("--recalibrate", action="store_true", help="measure the profiles again")
     parser.add_argument("--calibrate-only", action="store_true", help="stop after the profiles")
+    parser.add_argument("--test-gen-len", type=int, help="continuation tokens of the test windows (default: --gen-len)")
+    parser.add_argument("--test-policies", nargs="+", choices=list(ev.POLICIES), default=list(ev.POLICIES))
+    parser.add_argument("--test-fractions", type=float, nargs="+", default=list(ev.FRACTIONS))
+    parser.add_argument("--name", default="allocators", help="results file name (default allocators)")
     parser.add_argument("--profile-dir", default=PROFILE_DIR, help="where the profiles are kept")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR)
+    ev.job_arguments(parser, threads=0)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    progress = ev.Progress()
     # The faithful squeeze warns on every build (wasted budget, degenerate groups): the table
     # shows its diagnostics once instead.
     warnings.filterwarnings("ignore", category=UserWarning, module="squeeze_ops.cache")
-
-    progress(f"loading {MODEL_NAME}")
-    try:
-        runner, tokenizer, _ = ev.load_smollm2(args.device)
-    except ev.ModelUnavailable as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+    loaded = ev.load_for_job(args)
+    if loaded is None:
         return 2
+    runner, tokenizer, progress = loaded
     import transformers
 
     botchan = ev.tokenize(tokenizer, ev.botchan_text(args.data_dir))
@@ -233,7 +229,8 @@ def main(argv=None):
     calib_windows = ev.windows(botchan[:third], P, G, args.calib_windows)
     context_windows = ev.windows(botchan[:third], P, G, args.context_windows)
     tune_windows = ev.windows(botchan[third:], P, G, args.tune_windows)
-    test_sets = [(shift, shifted_windows(pydoc, P, G, args.test_windows, shift)) for shift in args.test_shift]
+    G_test = args.test_gen_len or G
+    test_sets = [(shift, shifted_windows(pydoc, P, G_test, args.test_windows, shift)) for shift in args.test_shift]
     test_windows = [w for _, wins in test_sets for w in wins]
     policies = list(ev.POLICIES)
 
@@ -258,7 +255,8 @@ def main(argv=None):
             tuning_rows.append((pol, fam, [(a, scores[a], a == best) for a in options]))
 
     # 3. Held-out test on pydoc.
-    cells = [(pol, f, a) for pol in policies for f in fractions
+    test_policies, test_fractions = args.test_policies, tuple(args.test_fractions)
+    cells = [(pol, f, a) for pol in test_policies for f in test_fractions
              for a in [Uniform()] + list(chosen[pol].values())]
     tested = [r for shift, wins in test_sets
               for r in run_windows(runner, wins, cells, f"test-pydoc-shift{shift:g}", args, progress)]
@@ -275,7 +273,11 @@ def main(argv=None):
         f"Command: `python -m bench.allocators --prompt-len {P} --gen-len {G} --calib-windows {args.calib_windows} "
         f"--tune-windows {args.tune_windows} --test-windows {args.test_windows} "
         f"--test-shift {' '.join(f'{x:g}' for x in args.test_shift)} "
-        f"--context-windows {args.context_windows}`",
+        f"--context-windows {args.context_windows}"
+        + (f" --test-gen-len {G_test}" if G_test != G else "")
+        + (f" --test-policies {' '.join(test_policies)}" if test_policies != list(ev.POLICIES) else "")
+        + (f" --test-fractions {' '.join(f'{f:g}' for f in test_fractions)}" if test_fractions != ev.FRACTIONS else "")
+        + (f" --name {args.name}" if args.name != "allocators" else "") + "`",
         "",
         "## Protocol",
         "",
@@ -300,7 +302,8 @@ def main(argv=None):
         "lse for h2o, whose own scores cover every query).",
         f"- Tuning: {len(tune_windows)} Botchan windows (the other two thirds); per policy and allocator family the "
         "candidate with the lowest mean dNLL over windows and the four budgets is kept.",
-        f"- Test: {len(test_windows)} windows of pydoc_data.topics ({len(pydoc)} tokens): {args.test_windows} evenly "
+        f"- Test: {len(test_windows)} windows of pydoc_data.topics ({len(pydoc)} tokens; {P} prompt + {G_test} "
+        f"teacher-forced tokens): {args.test_windows} evenly "
         "spread windows per shift (" + ", ".join(f"{x:g}" for x in args.test_shift) + " of their spacing), not "
         "looked at while choosing anything. `vs uniform`: mean over windows of NLL(allocator) - NLL(uniform) at the "
         "same policy and budget, ± its standard error; `wins`: windows where that difference is < 0. Windows of "
@@ -314,8 +317,8 @@ def main(argv=None):
         "|---|---|---|---|---|---|---|---|",
     ]
     best_by_cell = {}
-    for pol in policies:
-        for f in fractions:
+    for pol in test_policies:
+        for f in test_fractions:
             for fam, alloc in [("uniform", Uniform())] + list(chosen[pol].items()):
                 (d, se), agree, held = cell_stats(tested, pol, f, alloc)
                 if fam == "uniform":
@@ -329,7 +332,7 @@ def main(argv=None):
                 lines.append(f"| {pol} | {100 * f:g}% | {alloc.describe()} | {d:+.4f} ± {se:.4f} | "
                              f"{100 * agree:.1f}% | {held:.3f} | {diff} | {wins} |")
     lines += ["", "## Targets", "", "```"]
-    lines += targets(best_by_cell, tested, chosen, policies)
+    lines += targets(best_by_cell, tested, chosen, test_policies)
     lines += ["```", "", "## Tuning on Botchan", "",
               "Mean dNLL over the tuning windows and the four budgets (kept candidate in bold); uniform: "
               + ", ".join(f"{pol} {sum(cell_stats(tuned, pol, f, Uniform())[0][0] for f in fractions) / 4:+.4f}"
@@ -355,7 +358,7 @@ def main(argv=None):
     dirs = [RESULTS_DIR] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
     for d in dirs:
         os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "allocators.md"), "w") as f:
+        with open(os.path.join(d, f"{args.name}.md"), "w") as f:
             f.write(text)
     print(text)
     return 0

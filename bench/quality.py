@@ -28,19 +28,14 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--text", choices=("botchan", "pydoc"), default="botchan")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a busy machine more threads wait on each other "
-                             "at every small op; 0 keeps torch's default)")
-    parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR)
+    ev.job_arguments(parser)
     parser.add_argument("--name", default="quality", help="results file name (default quality)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    progress = ev.Progress()
-    loaded = ev.load_for_job(args, progress)
+    loaded = ev.load_for_job(args)
     if loaded is None:
         return 2
-    runner, tokenizer = loaded
+    runner, tokenizer, progress = loaded
     import transformers
 
     text = ev.botchan_text(args.data_dir) if args.text == "botchan" else ev.pydoc_topics_text()

@@ -92,10 +92,21 @@ def load_smollm2(device="cpu", dtype=None):
     return LlamaRunner(model), tokenizer, model
 
 
-def load_for_job(args, progress):
+def job_arguments(parser, threads=1):
+    """--device, --threads, --data-dir: the options every command-line job shares."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=threads,
+                        help=f"torch CPU threads (default {threads}; 0 keeps torch's default; on a busy machine "
+                             "more threads wait on each other at every small op)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where the Botchan sdist is cached")
+
+
+def load_for_job(args):
     """The common start of the command-line jobs: torch's CPU threads (args.threads; 0 keeps
-    torch's default), then SmolLM2 on args.device. Returns (runner, tokenizer), or None after
-    a framed error when the model is not installed (the job then exits with code 2)."""
+    torch's default), a Progress line, then SmolLM2 on args.device. Returns (runner, tokenizer,
+    progress), or None after a framed error when the model is not installed (the job then
+    exits with code 2)."""
+    progress = Progress()
     if args.threads:
         torch.set_num_threads(args.threads)
     progress("loading SmolLM2-135M (GGUF, dequantised)")
@@ -105,7 +116,7 @@ def load_for_job(args, progress):
         bar = "=" * 78
         print(f"\n{bar}\nERROR: {err}\n{bar}\n", file=sys.stderr)
         return None
-    return runner, tokenizer
+    return runner, tokenizer, progress
 
 
 def botchan_text(data_dir=DEFAULT_DATA_DIR):
@@ -185,25 +196,32 @@ class WindowResult:
     budgets: dict                          # Cell -> budgets [L] as held (capped at P + G)
 
 
+def score_batch(runner, prefill, targets, policy, settings, label, progress):
+    """Teacher-forced scoring of one prompt under several settings, as one batch (the prompt
+    forked into one cache). prefill: (record, logits) of runner.prefill of that one prompt;
+    targets int [1, G] on the runner's device; progress(label, step, G) after each step.
+    Returns (cache, nll fp32 [n, G], top1 int64 [n, G]), the last two on the host."""
+    record, first = prefill
+    n, gen = len(settings), targets.shape[1]
+    cache = SqueezeKVCache.build(record, policy, settings, gen, source=[0] * n)
+    nll, top1 = runner.score(cache, first.expand(n, -1), targets.expand(n, -1),
+                             on_step=lambda i: progress(label, i + 1, gen))
+    return cache, nll.cpu(), top1.cpu()
+
+
 def evaluate_window(runner, prompt, continuation, cells, progress=None, prefill=None):
     """Teacher-forced NLL of `continuation` after `prompt` with the full cache and with every
     cell's squeezed cache. One prefill serves all (`prefill`: the (record, logits) of an
     earlier runner.prefill of this prompt with scores, else computed here); the cells of one
     policy run as one batch (per-sequence budgets)."""
     progress = progress or (lambda *a, **k: None)
-    gen = len(continuation)
     if prefill is None:
         progress(f"prefill {len(prompt)} tokens")
         prefill = runner.prefill([prompt], scores=any(POLICIES[c.policy].needs_scores for c in cells))
-    record, first = prefill
     targets = continuation[None].to(runner.device)
 
     def run(policy, settings, label):
-        n = len(settings)
-        cache = SqueezeKVCache.build(record, policy, settings, gen, source=[0] * n)
-        nll, top1 = runner.score(cache, first.expand(n, -1), targets.expand(n, -1),
-                                 on_step=lambda i: progress(label, i + 1, gen))
-        return cache, nll.cpu(), top1.cpu()
+        return score_batch(runner, prefill, targets, policy, settings, label, progress)
 
     _, full_nll, full_top1 = run(POLICIES["window"], [None], "decode full cache")
     result = WindowResult(full_nll[0], full_top1[0], {}, {}, {}, None, None, {})

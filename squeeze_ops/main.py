@@ -27,18 +27,13 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=0.2, help="b_init of the demo cache (default 0.2)")
     parser.add_argument("--p", type=float, default=0.5, help="squeeze factor p of the demo cache (default 0.5)")
     parser.add_argument("--greedy", type=int, default=32, help="greedy continuation tokens (default 32)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a busy machine more threads wait on each other "
-                             "at every small op; 0 keeps torch's default)")
-    parser.add_argument("--data-dir", default=ev.DEFAULT_DATA_DIR, help="where the Botchan sdist is cached")
+    ev.job_arguments(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    progress = ev.Progress()
-    loaded = ev.load_for_job(args, progress)
+    loaded = ev.load_for_job(args)
     if loaded is None:
         return 2
-    runner, tokenizer = loaded
+    runner, tokenizer, progress = loaded
     progress("reading Botchan (sentencepiece 0.2.1 sdist)")
     ids = ev.tokenize(tokenizer, ev.botchan_text(args.data_dir))
     prompt, continuation = ev.windows(ids, args.prompt_len, args.gen_len, 1)[0]

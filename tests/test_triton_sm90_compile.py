@@ -111,8 +111,9 @@ def prefill_attention():
 def compress_kv():
     from squeeze_ops.triton_kernels import compress_kv as ck
 
-    # compress_kv_ launches one program per (sequence, KV head) with BLOCK 1024, BLOCK_T 64 and
-    # num_warps 4 on the GPU; HAS_SCORES is off when prefill computed no column scores.
+    # compress_kv_ launches one program per (sequence, KV head) with the GPU's tiles("cuda");
+    # HAS_SCORES is off when prefill computed no column scores.
+    block, block_t = ck.tiles("cuda")
     strides = ("sk_t", "sk_h", "sv_t", "sv_h", "skc_b", "skc_h", "skc_c", "svc_b", "svc_h", "svc_c")
     for kv, D, policy, has_scores in [("bf16", 128, "h2o", True), ("bf16", 128, "streaming", False),
                                       ("bf16", 128, "window", False), ("fp16", 64, "h2o", True),
@@ -121,7 +122,7 @@ def compress_kv():
                         Lens="i32", SlotPos="i32", CacheScores="fp32")
         compile_for_sm90(ck._compress_kv_kernel, pointers, dict(
             HKV=8, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), POLICY=ck._POLICY_IDS[policy],
-            HAS_SCORES=has_scores, BLOCK=1024, BLOCK_T=64), aligned=strides, num_warps=4)
+            HAS_SCORES=has_scores, BLOCK=block, BLOCK_T=block_t), aligned=strides, num_warps=ck.NUM_WARPS)
 
 
 def add_rmsnorm_cossim():

@@ -10,7 +10,6 @@ and a bitwise binary search finds the largest (key, position) pair tau, pi such 
 middle tokens have (key, position) >= (tau, pi) (ties go to the larger position). A final
 pass compacts the kept tokens into slots 0 .. lens-1 with a prefix sum and copies their K/V.
 """
-import torch
 import triton
 import triton.language as tl
 
@@ -136,6 +135,15 @@ def _compress_kv_kernel(K, V, Scores, CU, Budget, Recent, KC, VC, Lens, SlotPos,
         tl.store(SlotPos + row + slot, tl.full([BLOCK_T], -1, tl.int32), mask=free)
         tl.store(CacheScores + row + slot, tl.zeros([BLOCK_T], tl.float32), mask=free)
 
+NUM_WARPS = 4
+
+
+def tiles(device_type):
+    """(BLOCK, BLOCK_T) of a launch on `device_type`: positions per chunk of the heavy-hitter
+    threshold search, tokens per chunk of the copy. The interpreter (CPU tensors) gets small
+    chunks so that small tests cross chunk boundaries."""
+    return (1024, 64) if device_type == "cuda" else (64, 16)
+
 
 def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
                  k_cache, v_cache, lens, slot_pos, cache_scores):
@@ -154,7 +162,7 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
     # R = floor(budget * recent_ratio) in float64, as the CPU kernel and the reference do
     # (float32 would give floor(10 * 0.7) = 6).
     recent = (budget.clamp(0, C).double() * recent_ratio).floor().int() if policy == "h2o" else budget
-    small = k.device.type != "cuda"  # interpreter: small chunks so that small tests cross them
+    block, block_t = tiles(k.device.type)
     _compress_kv_kernel[(B, Hkv)](
         k, v, scores if scores.numel() else cache_scores, cu_seqlens, budget, recent,
         k_cache, v_cache, lens, slot_pos, cache_scores,
@@ -163,4 +171,4 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
         T, C, 0 if policy == "window" else sinks,
         HKV=Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(max(D, 1)),
         POLICY=_POLICY_IDS[policy], HAS_SCORES=scores.numel() > 0,
-        BLOCK=64 if small else 1024, BLOCK_T=16 if small else 64, num_warps=4)
+        BLOCK=block, BLOCK_T=block_t, num_warps=NUM_WARPS)
