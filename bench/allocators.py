@@ -40,11 +40,10 @@ from squeeze_ops.calibration import IN_CONTEXT_MULTIPLES, in_context_fractions, 
 from squeeze_ops.planner import allocate, diagnose, pad_observed
 from squeeze_ops.policies import SqueezeSettings
 
-from .common import environment
+from .common import environment, save_markdown
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "squeeze_ops", "profiles")
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TARGET_FRACTIONS = (0.1, 0.2, 0.3)
 TARGET_POLICIES = ("h2o", "streaming")
 TARGET_WIN_RATE = 0.7
@@ -210,16 +209,13 @@ def main(argv=None):
     parser.add_argument("--test-fractions", type=float, nargs="+", default=list(ev.FRACTIONS))
     parser.add_argument("--name", default="allocators", help="results file name (default allocators)")
     parser.add_argument("--profile-dir", default=PROFILE_DIR, help="where the profiles are kept")
-    ev.job_arguments(parser, threads=0)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
     # The faithful squeeze warns on every build (wasted budget, degenerate groups): the table
     # shows its diagnostics once instead.
     warnings.filterwarnings("ignore", category=UserWarning, module="squeeze_ops.cache")
-    loaded = ev.load_for_job(args)
-    if loaded is None:
+    job = ev.start_job(parser, argv, threads=0)
+    if job is None:
         return 2
-    runner, tokenizer, progress = loaded
+    args, runner, tokenizer, progress = job
     import transformers
 
     botchan = ev.tokenize(tokenizer, ev.botchan_text(args.data_dir))
@@ -260,7 +256,7 @@ def main(argv=None):
              for a in [Uniform()] + list(chosen[pol].values())]
     tested = [r for shift, wins in test_sets
               for r in run_windows(runner, wins, cells, f"test-pydoc-shift{shift:g}", args, progress)]
-    seconds = time.perf_counter() - start
+    seconds = progress.elapsed()
 
     env = environment(args.device)
     env.update(transformers=transformers.__version__, threads=torch.get_num_threads(), dtype=str(runner.dtype))
@@ -354,13 +350,7 @@ def main(argv=None):
         lines.append(f"- {pol} ({prof.policy}) at f = {prof.budgets[0]:g}: "
                      + ", ".join(f"L{layer} {row[layer]:+.4f}" for layer in top) + f"; sum over layers at f = {sums}")
     lines.append("")
-    text = "\n".join(lines)
-    dirs = [RESULTS_DIR] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
-    for d in dirs:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{args.name}.md"), "w") as f:
-            f.write(text)
-    print(text)
+    print(save_markdown(args.name, "\n".join(lines)))
     return 0
 
 

@@ -81,6 +81,16 @@ def environment(device):
     return env
 
 
+def save_markdown(name, text):
+    """Write text as bench/results/<name>.md and, when $OUT is set, $OUT/<name>.md. Returns text."""
+    dirs = [os.path.join(os.path.dirname(__file__), "results")] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"{name}.md"), "w") as f:
+            f.write(text)
+    return text
+
+
 def write_table(name, rows, columns, env, note=""):
     """Write rows (a list of dicts) as bench/results/<name>.md and, when $OUT is set, also
     $OUT/<name>.md and $OUT/<name>.json. Returns the Markdown text."""
@@ -90,14 +100,7 @@ def write_table(name, rows, columns, env, note=""):
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    text = head + "\n".join(lines) + "\n"
-    dirs = [os.path.join(os.path.dirname(__file__), "results")]
-    if os.environ.get("OUT"):
-        dirs.append(os.environ["OUT"])
-    for d in dirs:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{name}.md"), "w") as f:
-            f.write(text)
+    text = save_markdown(name, head + "\n".join(lines) + "\n")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)

@@ -11,15 +11,13 @@ from the numbers. Every window is prefilled once; the 16 cells of one policy dec
 batch with per-sequence budgets.
 """
 import argparse
-import os
 import sys
-import time
 
 import torch
 
 from squeeze_ops import evaluation as ev
 
-from .common import environment
+from .common import environment, save_markdown
 
 
 def main(argv=None):
@@ -28,14 +26,11 @@ def main(argv=None):
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--text", choices=("botchan", "pydoc"), default="botchan")
-    ev.job_arguments(parser)
     parser.add_argument("--name", default="quality", help="results file name (default quality)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    loaded = ev.load_for_job(args)
-    if loaded is None:
+    job = ev.start_job(parser, argv)
+    if job is None:
         return 2
-    runner, tokenizer, progress = loaded
+    args, runner, tokenizer, progress = job
     import transformers
 
     text = ev.botchan_text(args.data_dir) if args.text == "botchan" else ev.pydoc_topics_text()
@@ -46,7 +41,7 @@ def main(argv=None):
         progress(f"window {i + 1}/{args.windows}")
         results.append(ev.evaluate_window(runner, prompt, continuation, cells, progress))
     summary = ev.summarize(results)
-    seconds = time.perf_counter() - start
+    seconds = progress.elapsed()
 
     env = environment(args.device)
     env.update(transformers=transformers.__version__, threads=torch.get_num_threads(), dtype=str(runner.dtype))
@@ -105,13 +100,7 @@ def main(argv=None):
         "important group (G3, squeezed by p) is most of the model whenever only a few layers stand out.",
         "",
     ]
-    text_out = "\n".join(lines)
-    dirs = [os.path.join(os.path.dirname(__file__), "results")] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
-    for d in dirs:
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, f"{args.name}.md"), "w") as f:
-            f.write(text_out)
-    print(text_out)
+    print(save_markdown(args.name, "\n".join(lines)))
     return 0
 
 

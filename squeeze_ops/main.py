@@ -10,7 +10,6 @@ when a GPU is present. The full grid is `python -m bench.quality`.
 """
 import argparse
 import sys
-import time
 
 import torch
 
@@ -27,13 +26,10 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=0.2, help="b_init of the demo cache (default 0.2)")
     parser.add_argument("--p", type=float, default=0.5, help="squeeze factor p of the demo cache (default 0.5)")
     parser.add_argument("--greedy", type=int, default=32, help="greedy continuation tokens (default 32)")
-    ev.job_arguments(parser)
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    loaded = ev.load_for_job(args)
-    if loaded is None:
+    job = ev.start_job(parser, argv)
+    if job is None:
         return 2
-    runner, tokenizer, progress = loaded
+    args, runner, tokenizer, progress = job
     progress("reading Botchan (sentencepiece 0.2.1 sdist)")
     ids = ev.tokenize(tokenizer, ev.botchan_text(args.data_dir))
     prompt, continuation = ev.windows(ids, args.prompt_len, args.gen_len, 1)[0]
@@ -89,7 +85,7 @@ def main(argv=None):
     print()
     print("\n".join(ev.claims(summary)))
     print("(one window: indicative only; the full grid over several windows is `python -m bench.quality`)")
-    print(f"\ntotal run time {time.perf_counter() - start:.0f} s")
+    print(f"\ntotal run time {progress.elapsed():.0f} s")
     return 0
 
 
