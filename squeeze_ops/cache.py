@@ -78,7 +78,9 @@ class PrefillRecord:
 
     @property
     def nbytes(self):
-        return sum(_nbytes(t) for t in self.keys + self.values + self.scores + self.observed)
+        # observed[l] may be scores[l] itself (the same window): count every tensor once.
+        unique = {id(t): t for t in self.keys + self.values + self.scores + self.observed}
+        return sum(_nbytes(t) for t in unique.values())
 
 
 def _nbytes(t):

@@ -103,6 +103,9 @@ def test_prefill_observes_the_last_queries_whatever_the_policy_scores(tiny, scor
     for got, want in zip(record.observed, expected.scores):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(s.numel() == 0 for s in record.scores) != scores
+    kv = sum(t.numel() * t.element_size() for t in record.keys + record.values)
+    extra = sum(t.numel() * 4 for t in record.observed)  # fp32 [T_total, Hkv] per layer
+    assert record.nbytes == kv + extra * (1 if score_window == 5 or not scores else 2)
 
 
 def test_generate_with_coverage_budgets(tiny):
