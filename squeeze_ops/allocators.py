@@ -22,8 +22,8 @@ lengths, what a layer can hold and the policy's smallest workable budget.
     Fixed(budgets)            explicit per-layer budgets in tokens (measurement, replay)
 
 Totals: the allocators that redistribute (Squeeze(clamp=True), Continuous, Pyramid,
-Calibrated, Coverage) give every sequence exactly the uniform baseline's total L * floor(base), so they
-are compared with Uniform at equal KV held, unless the policy's minimum budget per layer
+Calibrated, Coverage) give every sequence exactly the uniform baseline's total L * floor(base),
+so they are compared with Uniform at equal KV held, unless the policy's minimum budget per layer
 needs more (floors win) or the layers cannot hold that much (capacity wins). The faithful
 Squeeze keeps its own rounding (L * base - L < total <= L * base) and may give a layer more
 than it can hold. Fixed ignores the base.
@@ -285,8 +285,9 @@ def retained_mass(observed, prompt_lens, policy):
 
     observed: fp32 [B, L, Hkv, T_max] (Request.observed); prompt_lens int [B]; policy: a
     SequencePolicy. The kept set of b slots (reference.kept_positions): window, the newest b
-    positions; streaming, the first `sinks` and the newest b - sinks; h2o, the b positions of highest observed mass per
-    KV head (the heavy hitters that the recent queries see; the recent share is not modelled).
+    positions; streaming, the first `sinks` and the newest b - sinks; h2o, the b positions of
+    highest observed mass per KV head (the heavy hitters that the recent queries see; the
+    recent share is not modelled).
     Returns float64 [B, L, T_max + 1], non-decreasing in b, 0 at b = 0 and 1 from b = T on.
     """
     B, L, _, T_max = observed.shape
@@ -360,9 +361,6 @@ class Coverage:
         if request.observed is None or request.policy is None:
             raise ValueError("observed: Coverage needs the prefill's observed attention (prefill with "
                              f"observe={self.window}) and the policy")
-        B, L = request.similarity.shape
-        if request.observed.dim() != 4 or request.observed.shape[:2] != (B, L):
-            raise ValueError(f"observed: expected [B={B}, L={L}, Hkv, T_max], got {tuple(request.observed.shape)}")
         curves = retained_mass(request.observed, request.prompt_lens, request.policy)
         w = (1.0 - request.similarity.double()).clamp_min(1e-6).pow(self.gamma)
         w = w / w.max(dim=1, keepdim=True).values

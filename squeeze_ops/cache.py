@@ -275,7 +275,6 @@ def _plan(record, source, settings, prompt_lens, horizon, policy):
     device = record.cos_sum.device
     cos_sum = record.cos_sum[:, source]
     similarity = record.similarity[source]
-    observed = None
     planned = horizon[:, None].expand(batch, num_layers).contiguous()
     labels = torch.full((batch, num_layers), -1, dtype=torch.int32, device=device)
     plans = []
@@ -285,15 +284,14 @@ def _plan(record, source, settings, prompt_lens, horizon, policy):
         members = [i for i, s in enumerate(settings) if s == setting]
         rows = torch.tensor(members, device=device)
         window = getattr(setting.strategy, "observation_window", 0)
-        if window:
-            if record.observe_window != window:
-                raise ValueError(f"record: {setting.strategy.describe()} needs the column scores of the last {window} "
-                                 f"prompt queries; prefill with observe={window} (got {record.observe_window})")
-            observed = pad_observed(record.observed, record.prompt_lens, [source[i] for i in members])
+        if window and record.observe_window != window:
+            raise ValueError(f"record: {setting.strategy.describe()} needs the column scores of the last {window} "
+                             f"prompt queries; prefill with observe={window} (got {record.observe_window})")
+        observed = pad_observed(record.observed, record.prompt_lens, [source[i] for i in members]) if window else None
         plan = allocate(
             cos_sum[:, rows].contiguous(), prompt_lens[rows], setting.strategy, b_init=setting.b_init,
             base_tokens=setting.base_tokens, capacity=horizon[rows], min_budget=policy.min_budget,
-            max_budget=horizon[rows] if setting.clamp else None, observed=observed if window else None,
+            max_budget=horizon[rows] if setting.clamp else None, observed=observed,
             policy=policy)
         diagnose(plan, horizon[rows], setting.strategy, sequences=members)
         planned[rows] = plan.budgets.to(torch.int32)

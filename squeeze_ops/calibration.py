@@ -19,7 +19,7 @@ tuple of them and uses, per sequence, the one nearest to its budget.
 import torch
 
 from .allocators import Fixed, SensitivityProfile
-from .cache import SqueezeKVCache
+from .evaluation import score_batch
 from .policies import SqueezeSettings
 
 DEFAULT_FRACTIONS = (0.04, 0.1, 0.2, 0.4)
@@ -29,7 +29,8 @@ IN_CONTEXT_MULTIPLES = (0.25, 0.5, 1.0, 1.75)
 
 
 def in_context_fractions(context):
-    """The fractions measured around the operating point `context` (< 1 / 1.75)."""
+    """The fractions measured around the operating point `context`; context < 1 / 1.75 keeps
+    them all below the full prompt."""
     return tuple(m * context for m in IN_CONTEXT_MULTIPLES)
 
 
@@ -62,10 +63,8 @@ def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS,
             return SqueezeSettings(base_tokens=1, allocator=Fixed(tuple(budgets)))
 
         def nll_of(settings):
-            cache = SqueezeKVCache.build(record, policy, settings, gen, source=[0] * len(settings))
-            n = len(settings)
-            nll, _ = runner.score(cache, first.expand(n, -1), targets.expand(n, -1))
-            return nll.double().mean(1).cpu()
+            _, nll, _ = score_batch(runner, (record, first), targets, policy, settings, "", lambda *_: None)
+            return nll.double().mean(1)
 
         # The operating point as the uniform allocation gives it: floor(context * T) per layer.
         others = full if context == 1 else max(1, int(context * len(prompt)))

@@ -160,11 +160,10 @@ def pad_observed(per_layer, prompt_lens, rows=None):
     rows = list(range(len(lens))) if rows is None else list(rows)
     starts = [sum(lens[:i]) for i in range(len(lens))]
     t_max = max(lens[i] for i in rows)
-    L, Hkv = len(per_layer), per_layer[0].shape[1]
-    out = torch.zeros(len(rows), L, Hkv, t_max, dtype=torch.float32, device=per_layer[0].device)
+    stacked = torch.stack(per_layer).float()  # [L, T_total, Hkv]
+    out = stacked.new_zeros(len(rows), stacked.shape[0], stacked.shape[2], t_max)
     for b, i in enumerate(rows):
-        for layer, scores in enumerate(per_layer):
-            out[b, layer, :, : lens[i]] = scores[starts[i] : starts[i] + lens[i]].t()
+        out[b, :, :, : lens[i]] = stacked[:, starts[i] : starts[i] + lens[i]].transpose(1, 2)
     return out
 
 

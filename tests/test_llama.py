@@ -8,8 +8,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from squeeze_ops.allocators import Coverage  # noqa: E402
+from squeeze_ops.allocators import Coverage, Fixed  # noqa: E402
 from squeeze_ops.cache import SqueezeKVCache  # noqa: E402
+from squeeze_ops.calibration import measure_profile  # noqa: E402
 from squeeze_ops.llama import LlamaRunner  # noqa: E402
 from squeeze_ops.policies import SequencePolicy, SqueezeSettings  # noqa: E402
 
@@ -115,6 +116,35 @@ def test_generate_with_coverage_budgets(tiny):
     tokens, cache = runner.generate(prompts, SequencePolicy.h2o(), settings, 3)
     assert tokens.shape == (len(LENS), 3)
     assert cache.budgets.sum(1).tolist() == [runner.num_layers * int(0.5 * n) for n in LENS]
+
+
+@pytest.mark.parametrize("context", [1.0, 0.5])
+def test_measure_profile_is_the_nll_change_of_one_layer(tiny, context):
+    """values[j][l] = NLL with layer l at fractions[j] and the others at the context, minus NLL
+    with every layer at the context (0 where the fraction is the context itself)."""
+    model, prompts, targets = tiny
+    runner = LlamaRunner(model)
+    prompt, continuation = prompts[2], targets[2, :5]
+    policy = SequencePolicy.streaming(1)
+    fractions = (0.25, 0.5)
+    prof = measure_profile(runner, [(prompt, continuation)], policy, "tiny", fractions, batch=3, context=context)
+    assert prof.context == context and len(prof.values) == 2 and len(prof.values[0]) == runner.num_layers
+    record, first = runner.prefill([prompt])
+    n, full = len(prompt), len(prompt) + len(continuation)
+    others = full if context == 1 else int(context * n)
+
+    def nll(budgets):
+        cache = SqueezeKVCache.build(record, policy, SqueezeSettings(base_tokens=1, allocator=Fixed(tuple(budgets))),
+                                     len(continuation))
+        return runner.score(cache, first, continuation[None])[0].double().mean().item()
+
+    reference = nll([others] * runner.num_layers)
+    layer = 2
+    budgets = [others] * runner.num_layers
+    budgets[layer] = round(0.25 * n)
+    assert prof.values[0][layer] != 0 and prof.values[0][layer] == pytest.approx(nll(budgets) - reference, abs=1e-5)
+    if context == 0.5:
+        assert all(v == 0 for v in prof.values[1])  # the context itself is not decoded
 
 
 def test_score_returns_nll_and_top1(tiny):
