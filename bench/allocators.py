@@ -34,8 +34,8 @@ import warnings
 import torch
 
 from squeeze_ops import evaluation as ev
-from squeeze_ops.allocators import (Calibrated, Continuous, Coverage, Pyramid, SensitivityProfile, Squeeze,
-                                   Uniform)
+from squeeze_ops.allocators import (KNOTS, Calibrated, Continuous, Coverage, Perturbation, Pyramid,
+                                   SensitivityProfile, Squeeze, Uniform)
 from squeeze_ops.calibration import IN_CONTEXT_MULTIPLES, in_context_fractions, measure_profile
 from squeeze_ops.planner import allocate, diagnose, pad_observed
 from squeeze_ops.policies import SqueezeSettings
@@ -49,7 +49,7 @@ TARGET_POLICIES = ("h2o", "streaming")
 TARGET_WIN_RATE = 0.7
 CONTEXTS = (0.1, 0.2, 0.3, 0.5)
 CONTEXT_POLICIES = ("streaming",)
-OBSERVE = 32  # prompt queries whose attention the Coverage allocator reads
+OBSERVE = 32  # prompt queries whose attention the Coverage and Perturbation allocators read
 
 
 def candidates(profile, in_context=None):
@@ -63,6 +63,8 @@ def candidates(profile, in_context=None):
         "calibrated": [Calibrated(profile, floor) for floor in (0.0, 0.25, 0.5, 0.75)],
         "coverage": [Coverage(g, floor, cap, OBSERVE) for g in (0.0, 0.5, 1.0)
                      for floor, cap in ((0.5, 2.0), (0.75, 1.5))],
+        "perturbation": [Perturbation(power, floor, cap, OBSERVE) for power in (1.0, 2.0, 4.0)
+                         for floor, cap in ((0.25, 4.0), (0.5, 2.0), (0.75, 1.5))],
     }
     if in_context:
         families["calibrated in context"] = [Calibrated(in_context, floor) for floor in (0.0, 0.5, 0.75)]
@@ -126,7 +128,8 @@ def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
     todo = [c for c in cells if name(*c) not in done["cells"]]
     if not todo and "full" in done:
         return done
-    record, first = runner.prefill([prompt], scores=True, observe=OBSERVE)
+    record, first = runner.prefill([prompt], scores=True, observe=OBSERVE,
+                                   perturb=tuple(ev.POLICIES.values()))
     targets = continuation[None].to(runner.device)
 
     def score(policy, settings, label):
@@ -295,7 +298,9 @@ def main(argv=None):
         + ", the NLL change when only one layer keeps f = c x (" + ", ".join(f"{m:g}" for m in IN_CONTEXT_MULTIPLES)
         + ") of the prompt while every other layer keeps c; one file per policy and c.",
         f"- Coverage: reads the column scores of the last {OBSERVE} prompt queries (recomputed from the prefill's "
-        "lse for h2o, whose own scores cover every query).",
+        "lse for h2o, whose own scores cover every query). Perturbation: the residual-stream perturbation of "
+        f"the same {OBSERVE} queries at {KNOTS + 1} budgets per layer, under each policy's kept sets (h2o: by the "
+        "prefill's all-query scores).",
         f"- Tuning: {len(tune_windows)} Botchan windows (the other two thirds); per policy and allocator family the "
         "candidate with the lowest mean dNLL over windows and the four budgets is kept.",
         f"- Test: {len(test_windows)} windows of pydoc_data.topics ({len(pydoc)} tokens; {P} prompt + {G_test} "
@@ -393,16 +398,18 @@ def targets(best_by_cell, tested, chosen, policies):
 def diagnostics_section(runner, prompt, gen, chosen):
     """Similarity profile, groups and budgets (nominal / effective) of every kept allocator at 20%
     on one window, with the planner's warnings."""
-    record, _ = runner.prefill([prompt], scores=False, observe=OBSERVE)
+    h2o = ev.POLICIES["h2o"]
+    record, _ = runner.prefill([prompt], scores=True, observe=OBSERVE, perturb=(h2o,))
     observed = pad_observed(record.observed, record.prompt_lens)
+    perturbation = torch.stack(record.perturbation[h2o], 1)  # [1, L, KNOTS + 1]
     lens = torch.tensor([len(prompt)], dtype=torch.int32)
     capacity = lens + gen
     out = ["Budgets at 20% (uniform, the paper's squeeze p=0.3 and h2o's tuned allocators; nominal/effective "
            "where they differ):", ""]
     columns, messages = {}, []
     for fam, alloc in {"uniform": Uniform(), "paper": Squeeze(0.3), **chosen["h2o"]}.items():
-        plan = allocate(record.cos_sum, lens, alloc, b_init=0.2, capacity=capacity, min_budget=2, observed=observed,
-                        policy=ev.POLICIES["h2o"])
+        plan = allocate(record.cos_sum, lens, alloc, b_init=0.2, capacity=capacity, min_budget=h2o.min_budget,
+                        observed=observed, policy=h2o, perturbation=perturbation)
         diag = diagnose(plan, capacity, alloc, warn=False)
         columns[alloc.describe()] = [n if n == e else f"{n}/{e}" for n, e in zip(diag.nominal[0], diag.effective[0])]
         messages += [f"{alloc.describe()}: {m}" for m in diag.messages]

@@ -19,12 +19,15 @@ lengths, what a layer can hold and the policy's smallest workable budget.
     Coverage(gamma, ...)      per request: every layer keeps the same share of its weighted
                               observed attention mass (last W prompt queries), weights
                               (1 - similarity)^gamma
+    Perturbation(power, ...)  per request: the budgets that minimise the summed residual-stream
+                              perturbation (to a power) that the policy's eviction causes for
+                              the last W prompt queries
     Fixed(budgets)            explicit per-layer budgets in tokens (measurement, replay)
 
 Totals: the allocators that redistribute (Squeeze(clamp=True), Continuous, Pyramid,
-Calibrated, Coverage) give every sequence exactly the uniform baseline's total L * floor(base),
-so they are compared with Uniform at equal KV held, unless the policy's minimum budget per layer
-needs more (floors win) or the layers cannot hold that much (capacity wins). The faithful
+Calibrated, Coverage, Perturbation) give every sequence exactly the uniform baseline's total
+L * floor(base), so they are compared with Uniform at equal KV held, unless the policy's minimum
+budget per layer needs more (floors win) or the layers cannot hold that much (capacity wins). The faithful
 Squeeze keeps its own rounding (L * base - L < total <= L * base) and may give a layer more
 than it can hold. Fixed ignores the base.
 
@@ -45,6 +48,8 @@ from .ops import kmeans1d, layer_budgets
 REPORTED_GROUPS = 3
 PROFILE_FORMAT = "squeeze-ops/sensitivity-profile"
 PROFILE_VERSION = 1
+# Budgets at which the Perturbation signal is measured: KNOTS + 1 evenly spaced fractions of the prompt.
+KNOTS = 64
 
 
 class Request(NamedTuple):
@@ -59,6 +64,9 @@ class Request(NamedTuple):
                  prompt position received from the last W prompt queries (prefill_attention's
                  scores with score_window = W), 0 past a prompt's end; read by Coverage.
     policy:      the SequencePolicy the caches evict with, or None; read by Coverage.
+    perturbation: fp32 [B, L, KNOTS + 1] or None: per layer the residual-stream perturbation
+                 E(b) of evicting the prompt to b = perturbation_knots(prompt_lens)[j] slots
+                 (planner.attention_perturbation); read by Perturbation.
     """
 
     similarity: torch.Tensor
@@ -68,6 +76,7 @@ class Request(NamedTuple):
     min_budget: int
     observed: Optional[torch.Tensor] = None
     policy: object = None
+    perturbation: Optional[torch.Tensor] = None
 
     @property
     def num_layers(self):
@@ -218,6 +227,11 @@ def _check_spread(gamma, floor, cap):
     """The parameters shared by Continuous and Coverage."""
     if not gamma >= 0:
         raise ValueError(f"gamma: expected gamma >= 0, got {gamma}")
+    _check_bounds(floor, cap)
+
+
+def _check_bounds(floor, cap):
+    """Floor and cap of a layer's budget as multiples of the base."""
     if not 0 <= floor <= 1:
         raise ValueError(f"floor: expected a fraction of the base in [0, 1], got {floor}")
     if not cap >= 1:
@@ -324,8 +338,31 @@ def _budget_for_share(curves, share):
     return torch.where(share <= 0, torch.zeros_like(b), b)
 
 
+def _bisect(budgets, total, a, b, steps):
+    """For budgets(x) [B, L] whose sum falls as x [B, 1] grows: a fixed number of bisection
+    steps (no host synchronisation) narrowing [a, b] to sum(budgets(b)) <= total < sum(budgets(a))
+    (where the range allows). Returns (a, b)."""
+    for _ in range(steps):
+        mid = (a + b) / 2
+        fits = budgets(mid).sum(1, keepdim=True) <= total
+        a, b = torch.where(fits, a, mid), torch.where(fits, mid, b)
+    return a, b
+
+
+class _Observing:
+    """Allocators whose signal comes from the last `window` prompt queries."""
+
+    def _check_window(self):
+        if self.window < 1:
+            raise ValueError(f"window: expected >= 1 observed queries, got {self.window}")
+
+    @property
+    def observation_window(self):
+        return self.window
+
+
 @dataclass(frozen=True)
-class Coverage:
+class Coverage(_Observing):
     """Per request, from the prefill's observed attention: every layer keeps the same share of
     its weighted attention mass (minimax), with weights w_l = (1 - similarity_l)^gamma.
 
@@ -346,16 +383,12 @@ class Coverage:
     window: int = 32
 
     uses_groups = False
+    needs_observed = True
     STEPS = 40
 
     def __post_init__(self):
         _check_spread(self.gamma, self.floor, self.cap)
-        if self.window < 1:
-            raise ValueError(f"window: expected >= 1 observed queries, got {self.window}")
-
-    @property
-    def observation_window(self):
-        return self.window
+        self._check_window()
 
     def allocate(self, request):
         if request.observed is None or request.policy is None:
@@ -371,13 +404,7 @@ class Coverage:
         def budgets(alpha):
             return _budget_for_share(curves, 1.0 - alpha / w).clamp(min=lo).minimum(hi)
 
-        # The sum falls as alpha grows: keep [a, b] with sum(b) <= total < sum(a).
-        a = torch.zeros_like(total)
-        b = torch.ones_like(total)
-        for _ in range(self.STEPS):
-            mid = (a + b) / 2
-            fits = budgets(mid).sum(1, keepdim=True) <= total
-            a, b = torch.where(fits, a, mid), torch.where(fits, mid, b)
+        _, b = _bisect(budgets, total, torch.zeros_like(total), torch.ones_like(total), self.STEPS)
         x = budgets(b)
         x = water_fill(torch.ones_like(x), total, x, torch.maximum(hi, x))
         labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
@@ -385,6 +412,95 @@ class Coverage:
 
     def describe(self):
         return f"coverage gamma={self.gamma:g} floor={self.floor:g} cap={self.cap:g}" + (
+            "" if self.window == 32 else f" window={self.window}")
+
+
+def perturbation_knots(prompt_lens, knots=KNOTS):
+    """float64 [B, knots + 1]: the budgets floor(j * T / knots), j = 0..knots, at which the
+    Perturbation signal is measured (0 and T included; repeated when T < knots)."""
+    j = torch.arange(knots + 1, dtype=torch.float64, device=prompt_lens.device)
+    return (prompt_lens.double()[:, None] * j / knots).floor()
+
+
+def _interpolate(curves, knots, at):
+    """curves float64 [B, L, n] given at the non-decreasing knots [B, n], read at `at` [B, L, m]
+    (within [knots[0], knots[-1]]) by linear interpolation. Returns float64 [B, L, m]."""
+    B, L, n = curves.shape
+    knots = knots[:, None, :].expand(B, L, n).contiguous()
+    j = (torch.searchsorted(knots, at.contiguous(), right=True) - 1).clamp(0, n - 2)
+    x0, x1 = knots.gather(-1, j), knots.gather(-1, j + 1)
+    y0, y1 = curves.gather(-1, j), curves.gather(-1, j + 1)
+    wide = x1 > x0
+    step = torch.where(wide, (at - x0) / torch.where(wide, x1 - x0, torch.ones_like(x0)), torch.zeros_like(x0))
+    return y0 + step.clamp(0, 1) * (y1 - y0)
+
+
+@dataclass(frozen=True)
+class Perturbation(_Observing):
+    """Per request, from the prefill: the budgets that minimise the summed perturbation of
+    the residual stream that eviction causes, to a power.
+
+    E_l(b) = mean over the last `window` prompt queries of |Wo (o - o(b))|^2 / |x|^2: how far
+    restricting layer l's attention to the b slots the policy keeps moves the residual stream
+    (planner.attention_perturbation). The budgets solve
+        min  sum_l E_l(b_l)^power   such that  sum_l b_l = total,
+             floor * base <= b_l <= cap * base (and what a layer can hold),
+    over the lower convex hull of each curve (known at KNOTS + 1 budgets, linear between): for a
+    price lam per token each layer takes argmin_b E_l(b)^power + lam * b, lam is found by a fixed
+    number of bisection steps on log(lam) (no host synchronisation) and the two hull vertices
+    around the total are interpolated. power > 1 weighs the worst layers more (power -> inf
+    equalises E). Unlike attention mass, E is small for a layer whose evicted tokens carry values
+    like the kept ones (diffuse attention over similar tokens), whatever their share.
+    Needs Request.perturbation (SqueezeKVCache.build reads it from a prefill with
+    observe=window and the policy in `perturb`).
+    """
+
+    power: float = 2.0
+    floor: float = 0.25
+    cap: float = 4.0
+    window: int = 32
+
+    uses_groups = False
+    needs_perturbation = True
+    STEPS = 64
+    LOG_PRICE = (-30.0, 10.0)  # bisection range of log(lam)
+
+    def __post_init__(self):
+        if not self.power > 0:
+            raise ValueError(f"power: expected > 0, got {self.power}")
+        _check_bounds(self.floor, self.cap)
+        self._check_window()
+
+    def allocate(self, request):
+        if request.perturbation is None:
+            raise ValueError("perturbation: Perturbation needs the prefill's attention perturbation curves "
+                             f"(prefill with observe={self.window} and the policy)")
+        knots = perturbation_knots(request.prompt_lens, request.perturbation.shape[-1] - 1)
+        base = request.base.double()[:, None]
+        lo, hi = request.bounds(low=self.floor * base, high=self.cap * base)
+        # Candidate budgets: the knots, clamped into each layer's bounds (E = 0 past the prompt).
+        budgets = torch.minimum(torch.maximum(knots[:, None, :], lo[..., None]), hi[..., None])
+        cost = _interpolate(request.perturbation.double(), knots,
+                            budgets.minimum(knots[:, None, -1:])).clamp_min(0).pow(self.power)
+        cost = cost / cost.amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)  # scale-free prices
+        total = request.total()
+
+        def take(log_price):  # [B, 1] -> the budgets [B, L] bought at that price
+            j = (cost + log_price.exp()[:, :, None] * budgets).argmin(-1, keepdim=True)
+            return budgets.gather(-1, j)[..., 0]
+
+        a, b = _bisect(take, total, torch.full_like(total, self.LOG_PRICE[0]),
+                       torch.full_like(total, self.LOG_PRICE[1]), self.STEPS)
+        under, over = take(b), take(a)
+        gap = over.sum(1, keepdim=True) - under.sum(1, keepdim=True)
+        t = ((total - under.sum(1, keepdim=True)) / gap.clamp_min(1e-30)).clamp(0, 1)
+        x = under + t * (over - under)
+        x = water_fill(torch.ones_like(x), total, x, torch.maximum(hi, x))
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return round_to_total(x, total, hi), labels, centroids
+
+    def describe(self):
+        return f"perturbation power={self.power:g} floor={self.floor:g} cap={self.cap:g}" + (
             "" if self.window == 32 else f" window={self.window}")
 
 

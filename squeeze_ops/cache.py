@@ -34,6 +34,9 @@ class PrefillRecord:
     scores:      per layer, H2O column scores fp32 [T_total, Hkv] (empty when not computed).
     observed:    per layer, column scores of each prompt's last `observe_window` queries
                  fp32 [T_total, Hkv] (the Coverage allocator's signal; empty list when not asked).
+    perturbation: {SequencePolicy: per layer fp32 [B, KNOTS + 1]}, the attention_perturbation
+                 curves of the last `observe_window` queries for the policies asked (the
+                 Perturbation allocator's signal).
     cos_sum:     fp32 [L, B], per layer and prompt the sum over its tokens of
                  cos(x_in, x_mid), accumulated in place by add_rmsnorm_cossim.
     """
@@ -46,6 +49,7 @@ class PrefillRecord:
     scores: list = field(default_factory=list)
     observed: list = field(default_factory=list)
     observe_window: int = 0
+    perturbation: dict = field(default_factory=dict)
 
     @classmethod
     def start(cls, prompt_lens, num_layers, device):
@@ -79,7 +83,8 @@ class PrefillRecord:
     @property
     def nbytes(self):
         # observed[l] may be scores[l] itself (the same window): count every tensor once.
-        unique = {id(t): t for t in self.keys + self.values + self.scores + self.observed}
+        curves = [t for per_layer in self.perturbation.values() for t in per_layer]
+        unique = {id(t): t for t in self.keys + self.values + self.scores + self.observed + curves}
         return sum(_nbytes(t) for t in unique.values())
 
 
@@ -258,13 +263,20 @@ class SqueezeKVCache:
 
 
 def observation_window(settings):
-    """Prompt queries whose column scores the settings' allocators read (Coverage), 0 if none:
-    the `observe` a prefill needs. settings: SqueezeSettings, None or a list of them."""
+    """Prompt queries whose attention the settings' allocators read (Coverage, Perturbation), 0
+    if none: the `observe` a prefill needs. settings: SqueezeSettings, None or a list of them."""
     settings = settings if isinstance(settings, (list, tuple)) else [settings]
     windows = {getattr(s.strategy, "observation_window", 0) for s in settings if s is not None} - {0}
     if len(windows) > 1:
         raise ValueError(f"settings: allocators observing different windows {sorted(windows)} in one batch")
     return windows.pop() if windows else 0
+
+
+def needs_perturbation(settings):
+    """Whether the settings' allocators read the attention perturbation (Perturbation): the
+    prefill must then record it for the policy. settings: as in observation_window."""
+    settings = settings if isinstance(settings, (list, tuple)) else [settings]
+    return any(getattr(s.strategy, "needs_perturbation", False) for s in settings if s is not None)
 
 
 def _plan(record, source, settings, prompt_lens, horizon, policy):
@@ -285,14 +297,22 @@ def _plan(record, source, settings, prompt_lens, horizon, policy):
         rows = torch.tensor(members, device=device)
         window = getattr(setting.strategy, "observation_window", 0)
         if window and record.observe_window != window:
-            raise ValueError(f"record: {setting.strategy.describe()} needs the column scores of the last {window} "
+            raise ValueError(f"record: {setting.strategy.describe()} needs the attention of the last {window} "
                              f"prompt queries; prefill with observe={window} (got {record.observe_window})")
-        observed = pad_observed(record.observed, record.prompt_lens, [source[i] for i in members]) if window else None
+        observed = (pad_observed(record.observed, record.prompt_lens, [source[i] for i in members])
+                    if getattr(setting.strategy, "needs_observed", False) else None)
+        perturbation = None
+        if getattr(setting.strategy, "needs_perturbation", False):
+            if policy not in record.perturbation:
+                raise ValueError(f"record: {setting.strategy.describe()} needs the attention perturbation of the "
+                                 f"{policy.kind} policy; prefill with perturb=(policy,)")
+            curves = torch.stack(record.perturbation[policy])  # [L, B_record, KNOTS + 1]
+            perturbation = curves[:, [source[i] for i in members]].transpose(0, 1).contiguous()
         plan = allocate(
             cos_sum[:, rows].contiguous(), prompt_lens[rows], setting.strategy, b_init=setting.b_init,
             base_tokens=setting.base_tokens, capacity=horizon[rows], min_budget=policy.min_budget,
             max_budget=horizon[rows] if setting.clamp else None, observed=observed,
-            policy=policy)
+            policy=policy, perturbation=perturbation)
         diagnose(plan, horizon[rows], setting.strategy, sequences=members)
         planned[rows] = plan.budgets.to(torch.int32)
         labels[rows] = plan.labels.to(torch.int32)

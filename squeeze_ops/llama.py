@@ -18,8 +18,8 @@ cache length (layers hold different numbers of tokens).
 import torch
 import torch.nn.functional as F
 
-from .cache import PrefillRecord, SqueezeKVCache, observation_window
-from .planner import observed_attention
+from .cache import PrefillRecord, SqueezeKVCache, needs_perturbation, observation_window
+from .planner import attention_perturbation, observed_attention
 
 # Scores are requested from prefill_attention only for H2O; -1 asks for none.
 NO_SCORES = -1
@@ -109,7 +109,7 @@ class LlamaRunner:
         return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
 
     @torch.no_grad()
-    def prefill(self, prompts, *, scores=False, score_window=0, observe=0):
+    def prefill(self, prompts, *, scores=False, score_window=0, observe=0, perturb=()):
         """Full-attention prefill of B prompts (1-D token id tensors, ragged lengths).
 
         scores:       compute H2O column scores (needed by the h2o policy); score_window
@@ -117,10 +117,15 @@ class LlamaRunner:
         observe:      N > 0 also records the column scores of the last N queries (the Coverage
                       allocator's signal): the op's own scores when they are exactly those,
                       else recomputed for N queries from its lse (planner.observed_attention).
+        perturb:      SequencePolicies for which the residual perturbation of the last
+                      `observe` queries is recorded (the Perturbation allocator's signal,
+                      planner.attention_perturbation; h2o reads this prefill's scores).
         Returns (record, logits): the PrefillRecord for SqueezeKVCache.build and the logits
         [B, V] of each prompt's last token (the prediction of its first new token).
         """
         lens = [len(p) for p in prompts]
+        if perturb and not observe:
+            raise ValueError("perturb: the perturbation is measured over the last `observe` queries; pass observe > 0")
         record = PrefillRecord.start(lens, self.num_layers, self.device)
         record.observe_window = observe
         # Without policy scores, the op computes the observed ones in the same pass.
@@ -138,6 +143,12 @@ class LlamaRunner:
             if observe:
                 record.observed.append(
                     col_scores if op_window == observe else observed_attention(q, k, lse, lens, observe, self.scale))
+            if perturb:
+                residual = x + F.linear(out.reshape(x.shape[0], -1), w["wo"], w["bo"])
+                for policy in perturb:
+                    record.perturbation.setdefault(policy, []).append(attention_perturbation(
+                        q, k, v, lse, w["wo"], residual, lens, policy, observe, self.scale,
+                        col_scores if scores else None))
             self._finish_layer(w, x, out, cu, record.cos_sum[layer])
         return record, self._logits(x[cu[1:].long() - 1])
 
@@ -162,7 +173,8 @@ class LlamaRunner:
         """Greedy decoding of max_new_tokens per prompt through a squeezed cache (prefill,
         plan, compress, decode). Returns (tokens int64 [B, max_new_tokens], cache)."""
         record, logits = self.prefill(prompts, scores=policy.needs_scores, score_window=policy.score_window,
-                                      observe=observation_window(settings))
+                                      observe=observation_window(settings),
+                                      perturb=(policy,) if needs_perturbation(settings) else ())
         cache = SqueezeKVCache.build(record, policy, settings, max_new_tokens)
         return self.greedy(cache, logits, max_new_tokens), cache
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import _meta
-from .allocators import Request, Squeeze
+from .allocators import KNOTS, Request, Squeeze, perturbation_knots
 
 # Diagnostics thresholds: budget given beyond what layers can hold, share of layers in one group.
 WASTE_TOLERANCE = 0.03
@@ -50,6 +51,7 @@ def allocate(
     max_budget: Union[int, torch.Tensor, None] = None,
     observed: Optional[torch.Tensor] = None,
     policy=None,
+    perturbation: Optional[torch.Tensor] = None,
 ) -> BudgetPlan:
     """Per-layer budgets of every sequence from the similarity sums of its prompt, by any
     allocator of squeeze_ops.allocators (default: the authors' formula, Squeeze()).
@@ -69,6 +71,8 @@ def allocate(
     observed: fp32 [B, L, Hkv, T_max], the attention mass each prompt position received from the
         last W prompt queries (pad_observed of observed_attention or prefill_attention's scores
         with score_window = W), and policy: the SequencePolicy; needed by Coverage only.
+    perturbation: fp32 [B, L, KNOTS + 1], per layer attention_perturbation's curve of the
+        policy the caches evict with; needed by Perturbation only.
     Returns a BudgetPlan (budgets int32 [B, L], labels, centroids, similarity), all on cos_sum's
     device, without reading anything back to the host.
     """
@@ -96,7 +100,14 @@ def allocate(
         _meta.check(observed.dim() == 4 and observed.shape[:2] == (B, cos_sum.shape[0]),
                     f"observed: expected shape [B={B}, L={cos_sum.shape[0]}, Hkv, T_max], got {tuple(observed.shape)}")
         _meta.check_device(observed, cos_sum, "observed", "cos_sum")
-    request = Request(similarity, base, prompt_lens, capacity, min_budget, observed, policy)
+    if perturbation is not None:
+        _meta.check_dtype(perturbation, torch.float32, "perturbation")
+        _meta.check(perturbation.dim() == 3 and perturbation.shape[:2] == (B, cos_sum.shape[0])
+                    and perturbation.shape[2] >= 2,
+                    f"perturbation: expected shape [B={B}, L={cos_sum.shape[0]}, knots + 1 >= 2], "
+                    f"got {tuple(perturbation.shape)}")
+        _meta.check_device(perturbation, cos_sum, "perturbation", "cos_sum")
+    request = Request(similarity, base, prompt_lens, capacity, min_budget, observed, policy, perturbation)
     budgets, labels, centroids = allocator.allocate(request)
     if max_budget is not None:
         if not isinstance(max_budget, torch.Tensor):
@@ -125,6 +136,18 @@ def plan_budgets(
                     min_budget=min_budget, max_budget=max_budget)
 
 
+def _last_query_attention(q, k, lse, start, n, window, scale):
+    """Attention probabilities of the last min(window, n) queries of the prompt packed at
+    [start, start + n): fp32 [H, W, n], causal (0 above the diagonal), from the prefill's lse;
+    query head h reads KV head h // (H / Hkv)."""
+    first = max(n - window, 0)
+    qs = q[start + first : start + n].float()  # [W, H, D]
+    ks = k[start : start + n].float().repeat_interleave(q.shape[1] // k.shape[1], 1)  # [n, H, D]
+    logits = scale * torch.einsum("ihd,jhd->hij", qs, ks)
+    causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(first, n, device=q.device)[:, None]
+    return torch.exp(logits - lse[start + first : start + n].float().t()[:, :, None]).masked_fill(~causal, 0.0)
+
+
 def observed_attention(q, k, lse, prompt_lens, window, scale):
     """Column scores of the last `window` queries of every prompt, from a prefill that computed
     another kind (e.g. H2O's all-query scores): the signal of the Coverage allocator.
@@ -141,14 +164,92 @@ def observed_attention(q, k, lse, prompt_lens, window, scale):
     out = torch.zeros(q.shape[0], Hkv, dtype=torch.float32, device=q.device)
     start = 0
     for n in prompt_lens:
-        first = max(n - window, 0)
-        qs = q[start + first : start + n].float()  # [W, H, D]
-        # [n, H, D]: query head h reads KV head h // group
-        ks = k[start : start + n].float().repeat_interleave(group, 1)
-        logits = scale * torch.einsum("ihd,jhd->hij", qs, ks)  # [H, W, n]
-        causal = torch.arange(n, device=q.device)[None, :] <= torch.arange(first, n, device=q.device)[:, None]
-        p = torch.exp(logits - lse[start + first : start + n].float().t()[:, :, None]).masked_fill(~causal, 0.0)
+        p = _last_query_attention(q, k, lse, start, n, window, scale)
         out[start : start + n] = p.sum(1).view(Hkv, group, n).sum(1).t()
+        start += n
+    return out
+
+
+def kept_order(n, policy, scores=None):
+    """The prompt positions of an n-token prompt in the order a growing cache keeps them:
+    a cache of b slots keeps the first min(b, n) (reference.kept_positions; its kept sets are
+    nested in b). int64 [G, n], one row per KV head for h2o (G = Hkv; scores fp32 [n, Hkv]
+    are its column scores), one row for window and streaming (G = 1).
+
+    window: the newest first. streaming: the sinks (newest first), then the newest others.
+    h2o: each position's entry budget (the smallest b that keeps it) by bisection on b,
+    membership counted as in kept_positions (sinks, floor(b * recent_ratio) newest, heavy
+    hitters by score, ties to the larger position): O(n^2) per KV head, at prefill.
+    """
+    t = torch.arange(n, device=scores.device if scores is not None else None)
+    s = min(policy.sinks, n)
+    if policy.kind != "h2o":
+        return torch.where(t < s, s - t, n - t + s).argsort()[None]
+    if scores is None or scores.shape[0] != n:
+        raise ValueError(f"scores: the h2o kept order needs the prompt's column scores [n={n}, Hkv]")
+    orders = []
+    for column in scores.t().double():
+        # ahead[i, u]: position u is evicted after position i (higher score; ties: larger position).
+        ahead = (column[None, :] > column[:, None]) | ((column[None, :] == column[:, None]) & (t[None, :] > t[:, None]))
+
+        def kept(b):  # int64 [n] budgets -> bool [n]: position i kept by a cache of b[i] slots
+            recent_start = torch.clamp(n - torch.floor(b.double() * policy.recent_ratio).long(), min=s)
+            protected = s + n - recent_start
+            middle = (t[None, :] >= s) & (t[None, :] < recent_start[:, None])
+            heavy = (ahead & middle).sum(-1) < b - protected
+            full = (t < s) | (t >= recent_start) | heavy
+            # Fewer slots than protected tokens: the sinks, then the newest (or the newest sinks).
+            short = torch.where(b >= s, (t < s) | (t >= n - (b - s)), (t >= s - b) & (t < s))
+            return (b >= n) | torch.where(b >= protected, full, short)
+
+        lo, hi = torch.zeros_like(t), torch.full_like(t, n)  # not kept at lo, kept at hi
+        for _ in range(n.bit_length() + 1):
+            mid = (lo + hi) // 2
+            inside = kept(mid)
+            lo, hi = torch.where(inside, lo, mid), torch.where(inside, mid, hi)
+        orders.append(hi.argsort())
+    return torch.stack(orders)
+
+
+def attention_perturbation(q, k, v, lse, out_proj, residual, prompt_lens, policy, window, scale, scores=None):
+    """How far evicting a layer's prompt to b slots moves the residual stream, per prompt, at
+    the budgets b_j = perturbation_knots(T)[j]: the signal of the Perturbation allocator.
+
+        E[b, j] = mean over the last W queries i of  |Wo (o_i - o_i(b_j))|^2 / |x_i|^2
+    o_i: query i's attention output over its whole prompt (all heads, [H * D]); o_i(b): the same
+    attention restricted (and renormalised) to the b slots the policy keeps (kept_order, as
+    reference.kept_positions with the prefill's scores; no slot: o_i(0) = 0); Wo the layer's
+    output projection; x_i the residual stream after the attention is added (x_in + Wo o_i).
+    E = 0 from b = T on. Plain PyTorch at prefill: W x T x D work per query head plus
+    W x KNOTS output projections per prompt (and kept_order's O(T^2) per KV head for h2o).
+    q [T, H, D], k/v [T, Hkv, D] packed (keys after RoPE); lse fp32 [T, H] (prefill_attention's);
+    out_proj [hidden, H * D] (the o_proj weight); residual [T, hidden] (x_in + attention);
+    prompt_lens: host list of the B lengths; policy: the SequencePolicy; scores fp32 [T, Hkv]:
+    the column scores the h2o cache is compressed with (h2o only).
+    Returns fp32 [B, KNOTS + 1].
+    """
+    Hkv = k.shape[1]
+    group = q.shape[1] // Hkv
+    out = torch.zeros(len(prompt_lens), KNOTS + 1, dtype=torch.float32, device=q.device)
+    start = 0
+    for row, n in enumerate(prompt_lens):
+        p = _last_query_attention(q, k, lse, start, n, window, scale)  # [H, W, n]
+        order = kept_order(n, policy, None if scores is None else scores[start : start + n]).to(q.device)
+        kept = perturbation_knots(torch.tensor([n]), KNOTS)[0].long().to(q.device)  # slots kept at each knot
+        deltas = []
+        for g in range(Hkv):
+            first = order[min(g, order.shape[0] - 1)]
+            ph = p[g * group : (g + 1) * group][..., first].double()  # [group, W, n], in kept order
+            vh = v[start : start + n, g][first].double()  # [n, D]
+            # Prefix sums in kept order (leading 0): the kept sums at every knot.
+            mass = F.pad(ph.cumsum(-1), (1, 0))[..., kept]  # [group, W, KNOTS + 1]
+            weighted = F.pad((ph[..., None] * vh).cumsum(-2), (0, 0, 1, 0))[:, :, kept]  # [group, W, KNOTS + 1, D]
+            full = (ph[..., None] * vh).sum(-2) / ph.sum(-1, keepdim=True)  # [group, W, D]
+            deltas.append(full[:, :, None, :] - weighted / mass.clamp_min(1e-300)[..., None])
+        delta = torch.cat(deltas).permute(1, 2, 0, 3).reshape(p.shape[1], KNOTS + 1, -1)  # [W, KNOTS + 1, H * D]
+        moved = delta @ out_proj.double().t()  # [W, KNOTS + 1, hidden]
+        x = residual[start + n - p.shape[1] : start + n].double()  # [W, hidden]
+        out[row] = (moved.pow(2).sum(-1) / x.pow(2).sum(-1).clamp_min(1e-300)[:, None]).mean(0).float()
         start += n
     return out
 

@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from squeeze_ops.allocators import Coverage, Fixed  # noqa: E402
+from squeeze_ops.allocators import KNOTS, Coverage, Fixed, Perturbation  # noqa: E402
 from squeeze_ops.cache import SqueezeKVCache  # noqa: E402
 from squeeze_ops.calibration import measure_profile  # noqa: E402
 from squeeze_ops.llama import LlamaRunner  # noqa: E402
@@ -116,6 +116,28 @@ def test_generate_with_coverage_budgets(tiny):
     tokens, cache = runner.generate(prompts, SequencePolicy.h2o(), settings, 3)
     assert tokens.shape == (len(LENS), 3)
     assert cache.budgets.sum(1).tolist() == [runner.num_layers * int(0.5 * n) for n in LENS]
+
+
+def test_generate_with_perturbation_budgets(tiny):
+    """generate records the perturbation curves of its own policy and plans from them; a
+    prefill asked for curves without an observation window fails naming `perturb`."""
+    model, prompts, _ = tiny
+    runner = LlamaRunner(model)
+    policy = SequencePolicy.streaming(2)
+    settings = SqueezeSettings(b_init=0.5, allocator=Perturbation(window=4))
+    tokens, cache = runner.generate(prompts, policy, settings, 3)
+    assert tokens.shape == (len(LENS), 3)
+    assert cache.budgets.sum(1).tolist() == [runner.num_layers * int(0.5 * n) for n in LENS]
+    h2o = SequencePolicy.h2o()
+    record, _ = runner.prefill(prompts, scores=True, observe=4, perturb=(policy, SequencePolicy.window(), h2o))
+    assert set(record.perturbation) == {policy, SequencePolicy.window(), h2o}
+    for curves in record.perturbation.values():
+        for curve in curves:
+            assert curve.shape == (len(LENS), KNOTS + 1) and (curve[:, 0] > 0).all() and (curve[:, -1] < 1e-12).all()
+    with pytest.raises(ValueError, match="perturb"):
+        runner.prefill(prompts, perturb=(policy,))
+    with pytest.raises(ValueError, match="scores"):  # h2o's kept sets follow the prefill's scores
+        runner.prefill(prompts, observe=4, perturb=(h2o,))
 
 
 @pytest.mark.parametrize("context", [1.0, 0.5])

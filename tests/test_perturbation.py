@@ -1,0 +1,237 @@
+"""The Perturbation allocator and its signal, planner.attention_perturbation: against a direct
+reference (reference.kept_positions, explicit restricted softmax), totals, bounds, optimality
+against brute force, no host sync, bad input, engine wiring."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import squeeze_ops  # noqa: F401  (registers torch.ops.squeeze.*)
+from squeeze_ops import reference
+from squeeze_ops.allocators import KNOTS, Perturbation, Uniform, perturbation_knots
+from squeeze_ops.cache import PrefillRecord, SqueezeKVCache, needs_perturbation, observation_window
+from squeeze_ops.planner import allocate, attention_perturbation, kept_order
+from squeeze_ops.policies import SequencePolicy, SqueezeSettings
+
+L, H, HKV, D, HIDDEN = 5, 4, 2, 8, 12
+POLICIES = [SequencePolicy.window(), SequencePolicy.streaming(sinks=3), SequencePolicy.h2o(),
+            SequencePolicy.h2o(sinks=2, recent_ratio=0.3)]
+
+
+def describe(policy):
+    return f"{policy.kind}-s{policy.sinks}-r{policy.recent_ratio:g}"
+
+
+@pytest.mark.parametrize(
+    "policy", POLICIES + [SequencePolicy.h2o(recent_ratio=0.0), SequencePolicy.h2o(recent_ratio=1.0)], ids=describe)
+@pytest.mark.parametrize("n", [1, 2, 5, 17, 64])
+def test_kept_order_prefixes_are_the_kept_positions(policy, n):
+    scores = torch.randint(0, 4, (n, HKV), generator=torch.Generator().manual_seed(n)).float()  # ties on purpose
+    order = kept_order(n, policy, scores)
+    assert order.shape == (HKV if policy.kind == "h2o" else 1, n)
+    for g in range(order.shape[0]):
+        for b in range(n + 2):
+            want = reference.kept_positions(n, b, policy.kind, policy.sinks, policy.recent_ratio, scores[:, g])
+            assert sorted(order[g, : min(b, n)].tolist()) == want.tolist(), (g, b)
+
+
+def perturbation_by_definition(q, k, v, out_proj, residual, lens, policy, window, scale, scores):
+    """E[b, j] straight from the docstring: per knot the kept positions, the softmax over them."""
+    out = torch.zeros(len(lens), KNOTS + 1, dtype=torch.float64)
+    start = 0
+    for row, n in enumerate(lens):
+        knots = perturbation_knots(torch.tensor([n]))[0].long().tolist()
+        queries = range(max(n - window, 0), n)
+        for j, b in enumerate(knots):
+            kept = [reference.kept_positions(n, b, policy.kind, policy.sinks, policy.recent_ratio,
+                                             scores[start:start + n, g]).tolist() for g in range(HKV)]
+            total = 0.0
+            for i in queries:
+                visible = [t for t in range(i + 1)]
+                heads = []
+                for h in range(H):
+                    g = h // (H // HKV)
+                    kept_i = [t for t in kept[g] if t <= i]
+                    logits = scale * (k[start:start + n, g].double() @ q[start + i, h].double())
+
+                    def attend(slots):
+                        if not slots:
+                            return torch.zeros(D, dtype=torch.float64)
+                        p = torch.softmax(logits[slots], 0)
+                        return p @ v[start:start + n, g].double()[slots]
+
+                    heads.append(attend(visible) - attend(kept_i))
+                moved = out_proj.double() @ torch.cat(heads)
+                total += float(moved.pow(2).sum() / residual[start + i].double().pow(2).sum())
+            out[row, j] = total / len(queries)
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=describe)
+@pytest.mark.parametrize("lens,window", [([37, 5, 70], 8), ([1, 3], 1), ([20], 50)])
+def test_attention_perturbation_matches_its_definition(policy, lens, window):
+    torch.manual_seed(len(lens) + window)
+    T = sum(lens)
+    q, k, v = torch.randn(T, H, D), torch.randn(T, HKV, D), torch.randn(T, HKV, D)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    out, lse, scores = torch.ops.squeeze.prefill_attention(q, k, v, cu, max(lens), 0.4, 0)
+    out_proj = torch.randn(HIDDEN, H * D) / 4
+    residual = torch.randn(T, HIDDEN) + out.reshape(T, -1) @ out_proj.t()
+    got = attention_perturbation(q, k, v, lse, out_proj, residual, lens, policy, window, 0.4, scores)
+    want = perturbation_by_definition(q, k, v, out_proj, residual, lens, policy, window, 0.4, scores)
+    assert got.dtype == torch.float32 and got.shape == (len(lens), KNOTS + 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert (got[:, -1] < 1e-12).all() and (got[:, 0] > 1e-3).all()  # everything kept; nothing kept
+
+
+def test_attention_perturbation_of_h2o_needs_the_scores():
+    q, k = torch.randn(4, H, D), torch.randn(4, HKV, D)
+    with pytest.raises(ValueError, match="scores"):
+        attention_perturbation(q, k, k, torch.zeros(4, H), torch.zeros(HIDDEN, H * D), torch.ones(4, HIDDEN), [4],
+                               SequencePolicy.h2o(), 2, 1.0)
+
+
+def curves(lens, seed=0, decay=None):
+    """Non-increasing perturbation curves fp32 [B, L, KNOTS + 1], 0 at the last knot: random
+    decays, or the given ones [B, layers, 1] with scale 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.linspace(0, 1, KNOTS + 1)
+    if decay is None:
+        decay = torch.rand(len(lens), L, 1, generator=g) * 20 + 1
+        scale = torch.rand(len(lens), L, 1, generator=g) + 0.1
+    else:
+        scale = torch.ones_like(decay)
+    return (scale * (torch.exp(-decay * x) - torch.exp(-decay))).float()
+
+
+def read(E, knots, budgets):
+    """E_l(b_l) for the budgets of one sequence, E [L, n] linear between the knots [n]."""
+    return [float(np.interp(b, knots.numpy(), E[layer].double().numpy())) for layer, b in enumerate(budgets)]
+
+
+def cos_sum(lens):
+    return (0.95 * torch.tensor(lens, dtype=torch.float32))[None].expand(L, -1).contiguous()
+
+
+@pytest.mark.parametrize("policy", POLICIES[:3], ids=describe)
+@pytest.mark.parametrize("b_init", [0.05, 0.2, 0.5, 0.9])
+@pytest.mark.parametrize("allocator", [Perturbation(), Perturbation(1.0, 0.5, 2.0), Perturbation(4.0, 0.75, 1.5)],
+                         ids=lambda a: a.describe())
+def test_perturbation_conserves_the_total_within_floor_and_cap(policy, b_init, allocator):
+    lens = [200, 77, 513, 31, 1]
+    n = torch.tensor(lens)
+    plan = allocate(cos_sum(lens), n, allocator, b_init=b_init, capacity=n + 16, min_budget=policy.min_budget,
+                    perturbation=curves(lens), policy=policy)
+    base = (n.double() * b_init).float().double()
+    low = torch.maximum((allocator.floor * base).floor(), torch.tensor(float(policy.min_budget)))
+    high = torch.maximum(torch.minimum((allocator.cap * base).floor(), (n + 16).double()), low)
+    assert plan.budgets.dtype == torch.int32 and plan.budgets.shape == (len(lens), L)
+    # The uniform total, unless the policy's minimum budget needs more (short prompts) or the
+    # layers cannot hold it.
+    want = torch.minimum(L * torch.maximum(base.floor(), low), L * high).long()
+    assert torch.equal(plan.budgets.sum(1).long(), want)
+    assert (plan.budgets >= low[:, None]).all() and (plan.budgets <= high[:, None]).all()
+
+
+def test_perturbation_is_optimal_for_convex_curves():
+    """Against brute force over every integer split: the chosen budgets' summed cost (curves
+    read between knots linearly) is within one token's worth of the optimum."""
+    lens, budget = [64], 0.25
+    L3 = 3
+    decay = torch.tensor([[[2.0], [8.0], [30.0]]])
+    E = curves(lens, decay=decay)
+    n = torch.tensor(lens)
+    sums = (0.95 * n.float())[None].expand(L3, 1).contiguous()
+    knots = perturbation_knots(n)[0]
+    for power in (1.0, 2.0):
+        plan = allocate(sums, n, Perturbation(power, 0.0, 4.0), b_init=budget, perturbation=E)
+
+        def cost(b):
+            return sum(e ** power for e in read(E[0], knots, b))
+
+        total = L3 * 16
+        best = min(cost((a, c, total - a - c)) for a, c in itertools.product(range(65), repeat=2)
+                   if 0 <= total - a - c <= 64)
+        got = plan.budgets[0].tolist()
+        assert sum(got) == total
+        slack = max(abs(cost([g + (i == j) for i, g in enumerate(got)]) - cost(got)) for j in range(L3))
+        assert cost(got) <= best + slack
+        assert got[0] > got[1] > got[2]  # a slower decay keeps the curve high longer
+
+
+def test_perturbation_power_equalises_the_worst_layers():
+    lens = [300]
+    n = torch.tensor(lens)
+    E = curves(lens, seed=3)
+    knots = perturbation_knots(n)
+    worst = []
+    for power in (1.0, 2.0, 8.0):
+        plan = allocate(cos_sum(lens), n, Perturbation(power, 0.0, 10.0), b_init=0.2, perturbation=E)
+        worst.append(max(read(E[0], knots[0], plan.budgets[0].tolist())))
+    assert worst[0] >= worst[1] >= worst[2]
+
+
+def test_perturbation_traces_without_host_sync():
+    lens = [100, 37, 250]
+    n = torch.tensor(lens, dtype=torch.int32)
+    E, sums = curves(lens), cos_sum(lens)
+
+    def plan(c, m, e):
+        return allocate(c, m, Perturbation(), b_init=0.25, capacity=m + 16, min_budget=4, perturbation=e).budgets
+
+    compiled = torch.compile(plan, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(sums, n, E), plan(sums, n, E))
+
+
+def test_perturbation_bad_input_raises():
+    lens = [40]
+    n = torch.tensor(lens)
+    with pytest.raises(ValueError, match="perturbation"):
+        allocate(cos_sum(lens), n, Perturbation(), b_init=0.2)
+    with pytest.raises(ValueError, match="perturbation"):
+        allocate(cos_sum(lens), n, Perturbation(), b_init=0.2, perturbation=torch.zeros(1, L + 1, KNOTS + 1))
+    with pytest.raises(ValueError, match="perturbation"):
+        allocate(cos_sum(lens), n, Perturbation(), b_init=0.2,
+                 perturbation=torch.zeros(1, L, KNOTS + 1, dtype=torch.float64))
+    for make, name in ((lambda: Perturbation(power=0), "power"), (lambda: Perturbation(floor=1.5), "floor"),
+                       (lambda: Perturbation(cap=0.5), "cap"), (lambda: Perturbation(window=0), "window")):
+        with pytest.raises(ValueError, match=name):
+            make()
+
+
+def record_with_perturbation(lens, policy, window=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    record = PrefillRecord.start(lens, L, "cpu")
+    total = sum(lens)
+    for _ in range(L):
+        record.add_layer(torch.randn(total, HKV, 8, generator=g), torch.randn(total, HKV, 8, generator=g),
+                         torch.zeros(0, HKV))
+        record.observed.append(torch.rand(total, HKV, generator=g))
+    record.observe_window = window
+    record.cos_sum.copy_(cos_sum(lens))
+    if policy is not None:
+        record.perturbation[policy] = list(curves(lens, seed).transpose(0, 1))
+    return record
+
+
+def test_engine_plans_perturbation_per_sequence_from_the_record():
+    lens = [30, 18]
+    policy = SequencePolicy.streaming(sinks=3)
+    record = record_with_perturbation(lens, policy)
+    settings = [SqueezeSettings(b_init=0.3, allocator=Perturbation()), SqueezeSettings(b_init=0.3, allocator=Uniform()),
+                SqueezeSettings(b_init=0.3, allocator=Perturbation())]
+    assert needs_perturbation(settings) and not needs_perturbation(settings[1]) and observation_window(settings) == 32
+    cache = SqueezeKVCache.build(record, policy, settings, 4, source=[1, 0, 0])
+    n = torch.tensor(lens)
+    E = torch.stack(record.perturbation[policy]).transpose(0, 1)
+    for row, src in ((0, [1]), (2, [0])):
+        plan = allocate(record.cos_sum[:, src], n[src], Perturbation(), b_init=0.3, capacity=n[src] + 4,
+                        min_budget=policy.min_budget, perturbation=E[src].contiguous())
+        assert torch.equal(cache.budgets[row], plan.budgets[0])
+    # Curves of another policy (or none) are an error naming the record, before anything is built.
+    with pytest.raises(ValueError, match="record"):
+        SqueezeKVCache.build(record, SequencePolicy.window(), settings, 4, source=[1, 0, 0])
+    with pytest.raises(ValueError, match="record"):
+        SqueezeKVCache.build(record_with_perturbation(lens, None), policy, settings, 4, source=[1, 0, 0])
