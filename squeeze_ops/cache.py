@@ -265,8 +265,7 @@ class SqueezeKVCache:
 def observation_window(settings):
     """Prompt queries whose attention the settings' allocators read (Coverage, Perturbation), 0
     if none: the `observe` a prefill needs. settings: SqueezeSettings, None or a list of them."""
-    settings = settings if isinstance(settings, (list, tuple)) else [settings]
-    windows = {getattr(s.strategy, "observation_window", 0) for s in settings if s is not None} - {0}
+    windows = {getattr(strategy, "observation_window", 0) for strategy in _strategies(settings)} - {0}
     if len(windows) > 1:
         raise ValueError(f"settings: allocators observing different windows {sorted(windows)} in one batch")
     return windows.pop() if windows else 0
@@ -275,8 +274,13 @@ def observation_window(settings):
 def needs_perturbation(settings):
     """Whether the settings' allocators read the attention perturbation (Perturbation): the
     prefill must then record it for the policy. settings: as in observation_window."""
+    return any(getattr(strategy, "needs_perturbation", False) for strategy in _strategies(settings))
+
+
+def _strategies(settings):
+    """The allocators of SqueezeSettings, None (the full cache: none) or a list of them."""
     settings = settings if isinstance(settings, (list, tuple)) else [settings]
-    return any(getattr(s.strategy, "needs_perturbation", False) for s in settings if s is not None)
+    return [s.strategy for s in settings if s is not None]
 
 
 def _plan(record, source, settings, prompt_lens, horizon, policy):

@@ -99,9 +99,13 @@ class LlamaRunner:
         v = F.linear(h, w["wv"], w["bv"]).view(n, self.num_kv_heads, self.head_dim)
         return rotate(q, cos, sin), rotate(k, cos, sin).contiguous(), v.contiguous()
 
+    def _project(self, w, out):
+        """The attention output [N, H, D] through the layer's output projection: [N, hidden]."""
+        return F.linear(out.reshape(out.shape[0], -1), w["wo"], w["bo"])
+
     def _finish_layer(self, w, x, attn, cu_seqlens, cos_sum):
-        """Attention residual + post-attention norm + similarity (one op), then the MLP."""
-        attn = F.linear(attn.reshape(x.shape[0], -1), w["wo"], w["bo"])
+        """Attention residual (attn: the projected attention, _project) + post-attention norm +
+        similarity (one op), then the MLP."""
         h = torch.ops.squeeze.add_rmsnorm_cossim(x, attn, w["w_post"], cu_seqlens, cos_sum, self.eps)
         x += F.linear(w["act"](F.linear(h, w["gate"])) * F.linear(h, w["up"]), w["down"])
 
@@ -143,13 +147,12 @@ class LlamaRunner:
             if observe:
                 record.observed.append(
                     col_scores if op_window == observe else observed_attention(q, k, lse, lens, observe, self.scale))
-            if perturb:
-                residual = x + F.linear(out.reshape(x.shape[0], -1), w["wo"], w["bo"])
-                for policy in perturb:
-                    record.perturbation.setdefault(policy, []).append(attention_perturbation(
-                        q, k, v, lse, w["wo"], residual, lens, policy, observe, self.scale,
-                        col_scores if scores else None))
-            self._finish_layer(w, x, out, cu, record.cos_sum[layer])
+            attn = self._project(w, out)
+            for policy in perturb:
+                record.perturbation.setdefault(policy, []).append(attention_perturbation(
+                    q, k, v, lse, w["wo"], x + attn, lens, policy, observe, self.scale,
+                    col_scores if scores else None))
+            self._finish_layer(w, x, attn, cu, record.cos_sum[layer])
         return record, self._logits(x[cu[1:].long() - 1])
 
     @torch.no_grad()
@@ -164,7 +167,7 @@ class LlamaRunner:
         for layer, w in enumerate(self.layers):
             q, k, v = self._qkv(w, x, cos, sin)
             out = cache.attend(layer, q.contiguous(), k, v, self.scale)
-            self._finish_layer(w, x, out, cu, cos_scratch)
+            self._finish_layer(w, x, self._project(w, out), cu, cos_scratch)
         cache.advance()
         return self._logits(x)
 
