@@ -31,6 +31,24 @@ with_cuda = mode == "cuda" or (mode == "auto" and cuda_possible)
 sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 # The C++ standard is left to torch.utils.cpp_extension: torch 2.14 headers need C++20.
 extra = {"cxx": ["-O3", "-fopenmp"]}
+
+
+def torch_libstdcxx():
+    """The libstdc++ this process (so torch's libc10) runs with, or None off Linux."""
+    if not os.path.exists("/proc/self/maps"):
+        return None
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libstdc++.so"):
+                return path
+    return None
+
+
+# Link that libstdc++ ahead of the compiler's own: a toolchain that links a static copy (a GCC
+# under /opt/gcc was seen doing so) would give the library a second C++ runtime, and a
+# c10::Error thrown by a TORCH_CHECK then crashes the process instead of raising.
+link = ["-fopenmp"] + ([torch_libstdcxx()] if torch_libstdcxx() else [])
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # No --use_fast_math: kmeans1d must give bit-identical partitions on CPU and GPU.
@@ -48,7 +66,7 @@ setup(
             sources,
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args=extra,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -88,11 +88,11 @@ QUICK_SHAPES = [(2, 64, 4, 2, 64), (3, 40, 9, 3, 64)]
 def sdpa_flash(q4, k, v, scale):
     """SDPA pinned to the FlashAttention backend; GQA through enable_gqa where this torch's flash
     backend takes it, else over K/V expanded to every query head (said in the table's note)."""
-    flash = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
     gqa = k.shape[1] != q4.shape[1]
 
     def run(kk=k, vv=v, enable_gqa=gqa):
-        with flash:
+        # A fresh context per call: sdpa_kernel's context manager can be entered only once.
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q4, kk, vv, scale=scale, enable_gqa=enable_gqa)
 
     try:

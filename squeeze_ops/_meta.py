@@ -6,26 +6,28 @@ import torch
 
 
 def check(cond, msg):
-    """Raise a ValueError naming the argument when `cond` is false (also on fake tensors)."""
+    """Raise a ValueError naming the argument when `cond` is false (also on fake tensors). msg: the
+    message, or a function making it, so that the checks every eager call runs format nothing
+    when they pass."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def check_dtype(t, dtypes, name):
     dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
-    check(t.dtype in dtypes, f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    check(t.dtype in dtypes, lambda: f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
 
 
 def check_rank(t, rank, name):
-    check(t.dim() == rank, f"{name}: expected a {rank}-d tensor, got shape {tuple(t.shape)}")
+    check(t.dim() == rank, lambda: f"{name}: expected a {rank}-d tensor, got shape {tuple(t.shape)}")
 
 
 def check_device(t, ref, name, ref_name):
-    check(t.device == ref.device, f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
+    check(t.device == ref.device, lambda: f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
 
 
 def check_policy(policy):
-    check(policy in POLICIES, f"policy: expected one of {POLICIES}, got {policy!r}")
+    check(policy in POLICIES, lambda: f"policy: expected one of {POLICIES}, got {policy!r}")
 
 
 POLICIES = ("window", "streaming", "h2o")
@@ -39,7 +41,7 @@ KMEANS_MAX_N = 256  # the CUDA kernel keeps a row in shared memory
 
 def _check_row_major(t, name):
     check(t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1,
-          f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
+          lambda: f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
 
 
 def _check_epilogue(residual, attn_out, cu_seqlens, cos_sum):
@@ -48,18 +50,18 @@ def _check_epilogue(residual, attn_out, cu_seqlens, cos_sum):
     _check_row_major(residual, "residual")
     check_dtype(attn_out, residual.dtype, "attn_out")
     check(attn_out.shape == residual.shape,
-          f"attn_out: expected shape {tuple(residual.shape)} (that of residual), got {tuple(attn_out.shape)}")
+          lambda: f"attn_out: expected shape {tuple(residual.shape)} (that of residual), got {tuple(attn_out.shape)}")
     _check_row_major(attn_out, "attn_out")
     check_device(attn_out, residual, "attn_out", "residual")
     check_dtype(cu_seqlens, torch.int32, "cu_seqlens")
     check_rank(cu_seqlens, 1, "cu_seqlens")
     check(cu_seqlens.shape[0] >= 1,
-          f"cu_seqlens: expected B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
+          lambda: f"cu_seqlens: expected B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
     check_device(cu_seqlens, residual, "cu_seqlens", "residual")
     check_dtype(cos_sum, torch.float32, "cos_sum")
     check_rank(cos_sum, 1, "cos_sum")
     check(cos_sum.shape[0] == cu_seqlens.shape[0] - 1,
-          f"cos_sum: expected {cu_seqlens.shape[0] - 1} entries (one per sequence of cu_seqlens), "
+          lambda: f"cos_sum: expected {cu_seqlens.shape[0] - 1} entries (one per sequence of cu_seqlens), "
           f"got shape {tuple(cos_sum.shape)}")
     check_device(cos_sum, residual, "cos_sum", "residual")
 
@@ -68,9 +70,9 @@ def add_rmsnorm_cossim(residual, attn_out, weight, cu_seqlens, cos_sum, eps):
     _check_epilogue(residual, attn_out, cu_seqlens, cos_sum)
     check_dtype(weight, FLOAT_KV, "weight")
     check(weight.dim() == 1 and weight.shape[0] == residual.shape[1],
-          f"weight: expected shape ({residual.shape[1]},), got {tuple(weight.shape)}")
+          lambda: f"weight: expected shape ({residual.shape[1]},), got {tuple(weight.shape)}")
     check_device(weight, residual, "weight", "residual")
-    check(eps >= 0, f"eps: expected eps >= 0, got {eps}")
+    check(eps >= 0, lambda: f"eps: expected eps >= 0, got {eps}")
     return residual.new_empty(residual.shape)
 
 
@@ -83,9 +85,9 @@ def _check_kmeans(x, k, name):
     check_rank(x, 2, name)
     _check_row_major(x, name)
     n = x.shape[1]
-    check(n <= KMEANS_MAX_N, f"{name}: at most {KMEANS_MAX_N} values per row, got {n}")
-    check(k >= 1, f"k: expected k >= 1, got {k}")
-    check(k <= n, f"k: expected k <= {n} (the number of values per row of {name}), got {k}")
+    check(n <= KMEANS_MAX_N, lambda: f"{name}: at most {KMEANS_MAX_N} values per row, got {n}")
+    check(k >= 1, lambda: f"k: expected k >= 1, got {k}")
+    check(k <= n, lambda: f"k: expected k <= {n} (the number of values per row of {name}), got {k}")
 
 
 def kmeans1d(x, k):
@@ -97,14 +99,14 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
     _check_kmeans(sim, k, "sim")
     B = sim.shape[0]
     check_dtype(base, torch.float32, "base")
-    check(base.dim() == 1 and base.shape[0] == B, f"base: expected shape ({B},), got {tuple(base.shape)}")
+    check(base.dim() == 1 and base.shape[0] == B, lambda: f"base: expected shape ({B},), got {tuple(base.shape)}")
     check_device(base, sim, "base", "sim")
-    check(p > 0 and math.isfinite(p), f"p: expected a finite p > 0, got {p}")
-    check(0 <= min_budget <= 2**31 - 1, f"min_budget: expected 0 <= min_budget < 2**31, got {min_budget}")
+    check(p > 0 and math.isfinite(p), lambda: f"p: expected a finite p > 0, got {p}")
+    check(0 <= min_budget <= 2**31 - 1, lambda: f"min_budget: expected 0 <= min_budget < 2**31, got {min_budget}")
     if max_budget is not None:
         check_dtype(max_budget, torch.int32, "max_budget")
         check(max_budget.dim() == 1 and max_budget.shape[0] == B,
-              f"max_budget: expected shape ({B},), got {tuple(max_budget.shape)}")
+              lambda: f"max_budget: expected shape ({B},), got {tuple(max_budget.shape)}")
         check_device(max_budget, sim, "max_budget", "sim")
     budgets = sim.new_empty(sim.shape, dtype=torch.int32)
     return budgets, sim.new_empty(sim.shape, dtype=torch.int32), sim.new_empty((B, k))
@@ -115,16 +117,17 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
 def _check_prefill_packed(t, name):
     check_rank(t, 3, name)
     check_dtype(t, FLOAT_KV, name)
-    check(t.shape[-1] <= 1 or t.stride(-1) == 1, f"{name}: last dimension must be contiguous, got strides {t.stride()}")
+    check(t.shape[-1] <= 1 or t.stride(-1) == 1,
+          lambda: f"{name}: last dimension must be contiguous, got strides {t.stride()}")
 
 
 def _check_prefill_index(t, shape, name, ref, ref_name="k"):
     """An int32 contiguous index tensor of the given shape on ref's device."""
     check_rank(t, len(shape), name)
     check_dtype(t, torch.int32, name)
-    check(tuple(t.shape) == tuple(shape), f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    check(tuple(t.shape) == tuple(shape), lambda: f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     check_device(t, ref, name, ref_name)
-    check(t.is_contiguous(), f"{name}: expected a contiguous tensor, got strides {t.stride()}")
+    check(t.is_contiguous(), lambda: f"{name}: expected a contiguous tensor, got strides {t.stride()}")
 
 
 def _check_prefill_cu_seqlens(cu_seqlens, ref, ref_name):
@@ -141,13 +144,15 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
         check_device(t, q, name, "q")
     T, H, D = q.shape
     Hkv = k.shape[1]
-    check(k.dtype == q.dtype and v.dtype == q.dtype, f"k, v: expected dtype {q.dtype} (that of q), got {k.dtype} and {v.dtype}")
-    check(tuple(v.shape) == tuple(k.shape), f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
-    check(k.shape[0] == T, f"k: expected {T} tokens (those of q), got shape {tuple(k.shape)}")
-    check(k.shape[2] == D, f"k: expected head dim {D} (that of q), got shape {tuple(k.shape)}")
-    check(Hkv > 0 and H % Hkv == 0, f"k: the number of KV heads ({Hkv}) must divide the query heads ({H})")
+    check(k.dtype == q.dtype and v.dtype == q.dtype,
+          lambda: f"k, v: expected dtype {q.dtype} (that of q), got {k.dtype} and {v.dtype}")
+    check(tuple(v.shape) == tuple(k.shape),
+          lambda: f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    check(k.shape[0] == T, lambda: f"k: expected {T} tokens (those of q), got shape {tuple(k.shape)}")
+    check(k.shape[2] == D, lambda: f"k: expected head dim {D} (that of q), got shape {tuple(k.shape)}")
+    check(Hkv > 0 and H % Hkv == 0, lambda: f"k: the number of KV heads ({Hkv}) must divide the query heads ({H})")
     _check_prefill_cu_seqlens(cu_seqlens, q, "q")
-    check(max_seqlen >= 0, f"max_seqlen: expected >= 0, got {max_seqlen}")
+    check(max_seqlen >= 0, lambda: f"max_seqlen: expected >= 0, got {max_seqlen}")
     out = q.new_empty(T, H, D)
     lse = q.new_empty(T, H, dtype=torch.float32)
     scores = q.new_empty(T if score_window >= 0 else 0, Hkv, dtype=torch.float32)
@@ -162,55 +167,61 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
     _check_prefill_packed(k, "k")
     _check_prefill_packed(v, "v")
     check_device(v, k, "v", "k")
-    check(v.dtype == k.dtype, f"v: expected dtype {k.dtype} (that of k), got {v.dtype}")
-    check(tuple(v.shape) == tuple(k.shape), f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    check(v.dtype == k.dtype, lambda: f"v: expected dtype {k.dtype} (that of k), got {v.dtype}")
+    check(tuple(v.shape) == tuple(k.shape),
+          lambda: f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
     T, Hkv, D = k.shape
     check_policy(policy)
-    check(sinks >= 0, f"sinks: expected >= 0, got {sinks}")
-    check(0.0 <= recent_ratio <= 1.0, f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
+    check(sinks >= 0, lambda: f"sinks: expected >= 0, got {sinks}")
+    check(0.0 <= recent_ratio <= 1.0, lambda: f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
     check_rank(scores, 2, "scores")
     check_dtype(scores, torch.float32, "scores")
     check_device(scores, k, "scores", "k")
     check(scores.shape[1] == Hkv and scores.shape[0] in (0, T),
-          f"scores: expected shape ({T}, {Hkv}) or (0, {Hkv}), got {tuple(scores.shape)}")
+          lambda: f"scores: expected shape ({T}, {Hkv}) or (0, {Hkv}), got {tuple(scores.shape)}")
     check(policy != "h2o" or scores.shape[0] == T,
-          f"scores: policy 'h2o' needs the column scores ({T}, {Hkv}) of prefill_attention, got shape {tuple(scores.shape)}")
-    check(scores.is_contiguous(), f"scores: expected a contiguous tensor, got strides {scores.stride()}")
+          lambda: f"scores: policy 'h2o' needs the column scores ({T}, {Hkv}) of prefill_attention, "
+                  f"got shape {tuple(scores.shape)}")
+    check(scores.is_contiguous(), lambda: f"scores: expected a contiguous tensor, got strides {scores.stride()}")
     _check_prefill_cu_seqlens(cu_seqlens, k, "k")
     B = cu_seqlens.shape[0] - 1
     _check_prefill_index(budget, (B,), "budget", k)
     for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
         check_rank(t, 4, name)
-        check(t.dtype == k.dtype, f"{name}: expected dtype {k.dtype} (that of k), got {t.dtype}")
+        check(t.dtype == k.dtype, lambda: f"{name}: expected dtype {k.dtype} (that of k), got {t.dtype}")
         check_device(t, k, name, "k")
         check(t.shape[0] == B and t.shape[1] == Hkv and t.shape[3] == D,
-              f"{name}: expected shape ({B}, {Hkv}, C, {D}), got {tuple(t.shape)}")
-        check(t.shape[-1] <= 1 or t.stride(-1) == 1, f"{name}: last dimension must be contiguous, got strides {t.stride()}")
+              lambda: f"{name}: expected shape ({B}, {Hkv}, C, {D}), got {tuple(t.shape)}")
+        check(t.shape[-1] <= 1 or t.stride(-1) == 1,
+              lambda: f"{name}: last dimension must be contiguous, got strides {t.stride()}")
     C = k_cache.shape[2]
-    check(v_cache.shape[2] == C, f"v_cache: expected capacity {C} (that of k_cache), got shape {tuple(v_cache.shape)}")
+    check(v_cache.shape[2] == C,
+          lambda: f"v_cache: expected capacity {C} (that of k_cache), got shape {tuple(v_cache.shape)}")
     _check_prefill_index(lens, (B,), "lens", k)
     _check_prefill_index(slot_pos, (B, Hkv, C), "slot_pos", k)
     check_rank(cache_scores, 3, "cache_scores")
     check_dtype(cache_scores, torch.float32, "cache_scores")
-    check(tuple(cache_scores.shape) == (B, Hkv, C), f"cache_scores: expected shape {(B, Hkv, C)}, got {tuple(cache_scores.shape)}")
+    check(tuple(cache_scores.shape) == (B, Hkv, C),
+          lambda: f"cache_scores: expected shape {(B, Hkv, C)}, got {tuple(cache_scores.shape)}")
     check_device(cache_scores, k, "cache_scores", "k")
-    check(cache_scores.is_contiguous(), f"cache_scores: expected a contiguous tensor, got strides {cache_scores.stride()}")
+    check(cache_scores.is_contiguous(),
+          lambda: f"cache_scores: expected a contiguous tensor, got strides {cache_scores.stride()}")
 
 # ---- decode ----
 
 
 def _check_last_contiguous(t, name):
     check(t.size(-1) <= 1 or t.stride(-1) == 1,
-          f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
+          lambda: f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
 
 
 def _check_index_vector(t, B, name, ref):
     """An int32 [B] contiguous per-sequence vector (lens, pos, budget) on the cache's device."""
     check_rank(t, 1, name)
-    check(t.shape[0] == B, f"{name}: expected shape ({B},) (one entry per sequence), got {tuple(t.shape)}")
+    check(t.shape[0] == B, lambda: f"{name}: expected shape ({B},) (one entry per sequence), got {tuple(t.shape)}")
     check_dtype(t, torch.int32, name)
     check_device(t, ref, name, "k_cache")
-    check(t.is_contiguous(), f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
+    check(t.is_contiguous(), lambda: f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
 
 
 def _check_kv(k_cache, v_cache, lens):
@@ -219,7 +230,7 @@ def _check_kv(k_cache, v_cache, lens):
     check_dtype(k_cache, FLOAT_KV, "k_cache")
     _check_last_contiguous(k_cache, "k_cache")
     check(v_cache.shape == k_cache.shape,
-          f"v_cache: expected shape {tuple(k_cache.shape)} (that of k_cache), got {tuple(v_cache.shape)}")
+          lambda: f"v_cache: expected shape {tuple(k_cache.shape)} (that of k_cache), got {tuple(v_cache.shape)}")
     check_dtype(v_cache, k_cache.dtype, "v_cache")
     check_device(v_cache, k_cache, "v_cache", "k_cache")
     _check_last_contiguous(v_cache, "v_cache")
@@ -232,7 +243,7 @@ def _check_slot_tensor(t, name, dtype, k_cache):
     B, Hkv, C, _ = k_cache.shape
     check_rank(t, 3, name)
     check(tuple(t.shape) == (B, Hkv, C),
-          f"{name}: expected shape {(B, Hkv, C)} (that of k_cache without D), got {tuple(t.shape)}")
+          lambda: f"{name}: expected shape {(B, Hkv, C)} (that of k_cache without D), got {tuple(t.shape)}")
     check_dtype(t, dtype, name)
     check_device(t, k_cache, name, "k_cache")
     _check_last_contiguous(t, name)
@@ -250,9 +261,9 @@ def _check_query(q, k_cache):
     B, Hkv, _, D = k_cache.shape
     check_rank(q, 3, "q")
     check(q.shape[0] == B and q.shape[2] == D,
-          f"q: expected shape ({B}, H, {D}) (batch and head dim of k_cache), got {tuple(q.shape)}")
+          lambda: f"q: expected shape ({B}, H, {D}) (batch and head dim of k_cache), got {tuple(q.shape)}")
     check(q.shape[1] > 0 and q.shape[1] % Hkv == 0,
-          f"q: the number of query heads ({q.shape[1]}) must be a positive multiple of the number of "
+          lambda: f"q: the number of query heads ({q.shape[1]}) must be a positive multiple of the number of "
           f"KV heads ({Hkv})")
     check_dtype(q, k_cache.dtype, "q")
     check_device(q, k_cache, "q", "k_cache")
@@ -264,7 +275,7 @@ def _check_new_token(k_new, v_new, pos, k_cache):
     B, Hkv, _, D = k_cache.shape
     for t, name in ((k_new, "k_new"), (v_new, "v_new")):
         check_rank(t, 3, name)
-        check(tuple(t.shape) == (B, Hkv, D), f"{name}: expected shape {(B, Hkv, D)}, got {tuple(t.shape)}")
+        check(tuple(t.shape) == (B, Hkv, D), lambda: f"{name}: expected shape {(B, Hkv, D)}, got {tuple(t.shape)}")
         check_dtype(t, k_cache.dtype, name)
         check_device(t, k_cache, name, "k_cache")
         _check_last_contiguous(t, name)
@@ -274,8 +285,8 @@ def _check_new_token(k_new, v_new, pos, k_cache):
 def _check_policy_args(budget, policy, sinks, recent_ratio, k_cache):
     _check_index_vector(budget, k_cache.shape[0], "budget", k_cache)
     check_policy(policy)
-    check(sinks >= 0, f"sinks: expected a non-negative number of sink tokens, got {sinks}")
-    check(0.0 <= recent_ratio <= 1.0, f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
+    check(sinks >= 0, lambda: f"sinks: expected a non-negative number of sink tokens, got {sinks}")
+    check(0.0 <= recent_ratio <= 1.0, lambda: f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
 
 
 def decode_attention(q, k_cache, v_cache, lens, scale, scores):

@@ -165,8 +165,8 @@ def test_grid_order_and_verdicts():
 
 
 def test_main_runs_on_cpu(capsys):
-    e2e.main(["--quick", "--no-transformers", "--steps", "2", "--prompts", "24", "--policies", "streaming",
-              "--memory-limit-mib", "1"])
+    e2e.main(["--quick", "--device", "cpu", "--no-transformers", "--steps", "2", "--prompts", "24",
+              "--policies", "streaming", "--memory-limit-mib", "1"])
     out = capsys.readouterr().out
     assert "full cache sdpa vs SqueezeKVCache without budgets, 4 steps" in out
     assert "squeeze streaming 30%" in out and "total" in out

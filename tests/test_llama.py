@@ -22,7 +22,7 @@ LENS = [13, 7, 21]
 def tiny():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=6,
+        vocab_size=101, hidden_size=96, intermediate_size=112, num_hidden_layers=4, num_attention_heads=6,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5)
     model = transformers.LlamaForCausalLM(config).eval()
     prompts = [torch.randint(0, 101, (n,)) for n in LENS]

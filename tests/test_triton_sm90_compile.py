@@ -85,10 +85,10 @@ def decode_attention():
     for kv, G, C, scores, evict, policy in [("bf16", 4, 16384, True, True, "h2o"),
                                             ("fp16", 3, 1000, False, True, "streaming"),
                                             ("bf16", 1, 512, False, False, "window")]:
-        block_g = triton.next_power_of_2(G)
+        tiles = da.decode_tiles(G, C, 128)
         compile_decode_kernel(da._combine_kernel, kv, dict(
-            G=G, D=128, S=4, BLOCK_G=block_g, BLOCK_D=co.block_d(128),
-            SCORE_BLOCK=min(8192 // block_g, max(16, triton.next_power_of_2(C))), EVICT_BLOCK=co.evict_block(C),
+            G=G, D=128, S=4, BLOCK_G=tiles.block_g, BLOCK_D=tiles.block_d,
+            SCORE_BLOCK=tiles.score_block, EVICT_BLOCK=tiles.evict_block,
             SCORES=scores, EVICT=evict, POLICY=co.POLICY_CODES[policy], RECENT_RATIO=0.5), num_warps=8)
 
 
@@ -98,13 +98,16 @@ def prefill_attention():
     # q/k/v [T, heads, D] with D contiguous: every stride is a multiple of D (>= 16).
     strides = ("sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "so_t", "so_h")
     for kv, D, H, Hkv in [("bf16", 128, 32, 8), ("bf16", 128, 64, 8), ("bf16", 64, 32, 32),
-                          ("fp16", 128, 32, 32), ("fp16", 64, 32, 8)]:
+                          ("fp16", 128, 32, 32), ("fp16", 64, 32, 8), ("fp32", 64, 6, 2)]:
         attention, scores = pa.tiles("cuda", D)
+        precision = "ieee" if kv == "fp32" else "tf32"
         compile_for_sm90(pa._attention_kernel, dict(Q=kv, K=kv, V=kv, CU="i32", Out=kv, Lse="fp32"), dict(
-            H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=attention.block_m, BLOCK_N=attention.block_n),
+            H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=attention.block_m, BLOCK_N=attention.block_n,
+            DOT_PRECISION=precision),
             floats=("qk_scale",), aligned=strides, num_warps=attention.num_warps, num_stages=attention.num_stages)
         compile_for_sm90(pa._column_scores_kernel, dict(Q=kv, K=kv, CU="i32", Lse="fp32", Scores="fp32"), dict(
-            H=H, HKV=Hkv, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=scores.block_m, BLOCK_N=scores.block_n),
+            H=H, HKV=Hkv, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=scores.block_m, BLOCK_N=scores.block_n,
+            DOT_PRECISION=precision),
             floats=("qk_scale",), aligned=strides, num_warps=scores.num_warps, num_stages=scores.num_stages)
 
 

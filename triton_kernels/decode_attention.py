@@ -16,6 +16,7 @@ over the group's heads to scores[b, g, :lens[b]]; in decode_step_ it then evicts
 Everything is computed in base 2 (exp2/log2, logits pre-multiplied by scale * log2(e)).
 """
 import functools
+from collections import namedtuple
 
 import torch
 import triton
@@ -40,6 +41,7 @@ def _programs_wanted(device):
     return 16
 
 
+@functools.lru_cache(maxsize=1024)  # asked on every eager decode step, where its host cost would show
 def split_plan(B, Hkv, C, device):
     """(split_len, S): every split covers split_len slots (a multiple of BLOCK_N), S = the most
     splits a sequence of C slots needs. Chosen from shapes only."""
@@ -47,6 +49,16 @@ def split_plan(B, Hkv, C, device):
     splits = max(1, min(triton.cdiv(_programs_wanted(device), B * Hkv), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
     tiles_per_split = triton.cdiv(tiles, splits)
     return tiles_per_split * BLOCK_N, triton.cdiv(tiles, tiles_per_split)
+
+
+Tiles = namedtuple("Tiles", "block_d block_g score_block evict_block")
+
+
+@functools.lru_cache(maxsize=1024)  # see split_plan
+def decode_tiles(G, C, D):
+    """Tiles of the two passes for G query heads per KV head, capacity C, head dim D."""
+    block_g = triton.next_power_of_2(G)
+    return Tiles(block_d(D), block_g, min(8192 // block_g, max(16, triton.next_power_of_2(C))), evict_block(C))
 
 
 @triton.jit
@@ -207,6 +219,7 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
     _, Hkv, C, _ = k_cache.shape
     G = H // Hkv
     split_len, S = split_plan(B, Hkv, C, q.device)
+    tiles = decode_tiles(G, C, D)
     f32 = dict(dtype=torch.float32, device=q.device)
     o_part = torch.empty(B, Hkv, S, G, D, **f32)
     lse_part = torch.empty(B, Hkv, S, G, **f32)
@@ -220,15 +233,14 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
         k_new, v_new, pos, slot_pos, budget, policy, sinks, recent_ratio = step
         n_buf = torch.empty_like(lens)  # lens after the append, from the split pass to the combine pass
         scores_t = scores
-    meta = dict(G=G, D=D, S=S, BLOCK_D=block_d(D))
-    block_g = triton.next_power_of_2(G)
+    meta = dict(G=G, D=D, S=S, BLOCK_D=tiles.block_d)
     _split_kernel[(B, Hkv, S)](
         q, k_cache, v_cache, lens, o_part, lse_part, logits,
         n_buf, k_new, v_new, pos, slot_pos, scores_t,
         *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
         *k_new.stride()[:2], *v_new.stride()[:2], *slot_pos.stride(), *scores_t.stride(),
         C, scale * LOG2E, split_len,
-        BLOCK_H=max(16, block_g), BLOCK_N=BLOCK_N, APPEND=step is not None, SCORES=accumulate,
+        BLOCK_H=max(16, tiles.block_g), BLOCK_N=BLOCK_N, APPEND=step is not None, SCORES=accumulate,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, num_warps=4, num_stages=2,
     )
     _combine_kernel[(B, Hkv)](
@@ -236,8 +248,8 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
         k_cache, v_cache, lens, slot_pos, scores_t, budget,
         *out.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores_t.stride(),
         C, split_len, sinks,
-        BLOCK_G=block_g, SCORE_BLOCK=min(8192 // block_g, max(16, triton.next_power_of_2(C))),
-        EVICT_BLOCK=evict_block(C), SCORES=accumulate, EVICT=step is not None,
+        BLOCK_G=tiles.block_g, SCORE_BLOCK=tiles.score_block, EVICT_BLOCK=tiles.evict_block, SCORES=accumulate,
+        EVICT=step is not None,
         POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta, num_warps=8,
     )
     return out

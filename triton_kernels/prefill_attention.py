@@ -42,7 +42,8 @@ def sequence_bounds(CU, b, T_total):
 
 @triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, K, V, sk_t, sv_t, rows, lo, hi, seq_len, qk_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr):
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """Online-softmax update of one query block with the keys [lo, hi) (K, V point at the
     sequence's first token). DIAGONAL blocks mask the keys after each query and past the end of
     the sequence; the others need no mask. Block pointers keep the tile addresses out of
@@ -60,7 +61,7 @@ def _attend_key_blocks(acc, l_i, m_i, q, K, V, sk_t, sv_t, rows, lo, hi, seq_len
             v = tl.load(V_blocks)
         K_blocks = tl.advance(K_blocks, (0, BLOCK_N))
         V_blocks = tl.advance(V_blocks, (BLOCK_N, 0))
-        s = tl.dot(q, kt) * qk_scale
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         if DIAGONAL:
             cols = n0 + tl.arange(0, BLOCK_N)
             s = tl.where(rows[:, None] >= cols[None, :], s, float("-inf"))
@@ -69,7 +70,8 @@ def _attend_key_blocks(acc, l_i, m_i, q, K, V, sk_t, sv_t, rows, lo, hi, seq_len
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None],
+                     input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -78,7 +80,7 @@ def _attend_key_blocks(acc, l_i, m_i, q, K, V, sk_t, sv_t, rows, lo, hi, seq_len
 def _attention_kernel(Q, K, V, CU, Out, Lse, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
                       T_total, qk_scale,
                       H: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # The last query blocks of a sequence see the most keys: launch them first.
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b = tl.program_id(1)
@@ -99,9 +101,10 @@ def _attention_kernel(Q, K, V, CU, Out, Lse, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
     # Key blocks that end before this query block's first row need no mask.
     diagonal = (m0 // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, K_seq, V_seq, sk_t, sv_t, rows, 0, diagonal,
-                                       seq_len, qk_scale, HEAD_DIM, BLOCK_N, False)
+                                       seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
     acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, K_seq, V_seq, sk_t, sv_t, rows, diagonal,
-                                       tl.minimum(m0 + BLOCK_M, seq_len), seq_len, qk_scale, HEAD_DIM, BLOCK_N, True)
+                                       tl.minimum(m0 + BLOCK_M, seq_len), seq_len, qk_scale, HEAD_DIM, BLOCK_N, True,
+                                       DOT_PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(Out + (start + rows)[:, None] * so_t + h * so_h + dims[None, :], out.to(Out.dtype.element_ty),
@@ -111,7 +114,8 @@ def _attention_kernel(Q, K, V, CU, Out, Lse, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
 
 @triton.jit
 def _score_query_blocks(acc, k, Q, Lse, sq_t, cols, lo, hi, seq_len, qk_scale,
-                        H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr):
+                        H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DIAGONAL: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
     """Adds to acc[j] the probabilities p[i, j] of keys `cols` for the queries i in [lo, hi) of
     one head (Q, Lse point at the sequence's first token of that head)."""
     dims = tl.arange(0, HEAD_DIM)
@@ -121,7 +125,7 @@ def _score_query_blocks(acc, k, Q, Lse, sq_t, cols, lo, hi, seq_len, qk_scale,
         qt = tl.load(Q + rows[None, :] * sq_t + dims[:, None], mask=row_ok[None, :], other=0.0)
         # lse = +inf past the end of the sequence makes those probabilities 0.
         lse2 = tl.load(Lse + rows * H, mask=row_ok, other=float("inf")) * LOG2E
-        p = tl.math.exp2(tl.dot(k, qt) * qk_scale - lse2[None, :])
+        p = tl.math.exp2(tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale - lse2[None, :])
         if DIAGONAL:
             p = tl.where(rows[None, :] >= cols[:, None], p, 0.0)
         acc += tl.sum(p, 1)
@@ -131,7 +135,7 @@ def _score_query_blocks(acc, k, Q, Lse, sq_t, cols, lo, hi, seq_len, qk_scale,
 @triton.jit
 def _column_scores_kernel(Q, K, CU, Lse, Scores, sq_t, sq_h, sk_t, sk_h, T_total, qk_scale, score_window,
                           H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     b = tl.program_id(1)
     g = tl.program_id(2)
@@ -155,9 +159,9 @@ def _column_scores_kernel(Q, K, CU, Lse, Scores, sq_t, sq_h, sk_t, sk_h, T_total
         Q_h = Q + start * sq_t + h * sq_h
         Lse_h = Lse + start * H + h
         acc = _score_query_blocks(acc, k, Q_h, Lse_h, sq_t, cols, lo, diagonal_end, seq_len, qk_scale,
-                                  H, HEAD_DIM, BLOCK_M, True)
+                                  H, HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
         acc = _score_query_blocks(acc, k, Q_h, Lse_h, sq_t, cols, diagonal_end, seq_len, seq_len, qk_scale,
-                                  H, HEAD_DIM, BLOCK_M, False)
+                                  H, HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
     tl.store(Scores + (start + cols) * HKV + g, acc, mask=col_ok)
 
 
@@ -192,7 +196,8 @@ def check_cu_seqlens_values(cu_seqlens, total_tokens, max_seqlen=None):
                 f"cu_seqlens: expected the last offset to equal the {total_tokens} packed tokens, got {int(cu[-1])}")
     if max_seqlen is not None and lengths.numel():
         longest = int(lengths.max())
-        _meta.check(longest <= max_seqlen, f"max_seqlen: expected >= every sequence length, got {max_seqlen} < {longest}")
+        _meta.check(longest <= max_seqlen,
+                    f"max_seqlen: expected >= every sequence length, got {max_seqlen} < {longest}")
 
 
 def check_head_dim(D, name):
@@ -217,17 +222,19 @@ def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles
     if q.numel() == 0 or B == 0 or max_seqlen == 0:
         return out, lse, scores
     qk_scale = scale * LOG2E.value
+    # fp32 inputs get fp32 products (the GPU's default for fp32 tl.dot is TF32, ~1e-3 off).
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     a = attention_tiles
     _attention_kernel[(triton.cdiv(max_seqlen, a.block_m), B, H)](
         q, k, v, cu_seqlens, out, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), T, qk_scale,
         H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=a.block_m, BLOCK_N=a.block_n,
-        num_warps=a.num_warps, num_stages=a.num_stages)
+        DOT_PRECISION=precision, num_warps=a.num_warps, num_stages=a.num_stages)
     if score_window >= 0:
         s = score_tiles
         _column_scores_kernel[(triton.cdiv(max_seqlen, s.block_n), B, Hkv)](
             q, k, cu_seqlens, lse, scores, q.stride(0), q.stride(1), k.stride(0), k.stride(1), T, qk_scale,
             score_window,
             H=H, HKV=Hkv, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=s.block_m, BLOCK_N=s.block_n,
-            num_warps=s.num_warps, num_stages=s.num_stages)
+            DOT_PRECISION=precision, num_warps=s.num_warps, num_stages=s.num_stages)
     return out, lse, scores
