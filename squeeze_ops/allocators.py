@@ -21,7 +21,8 @@ lengths, what a layer can hold and the policy's smallest workable budget.
                               (1 - similarity)^gamma
     Perturbation(power, ...)  per request: the budgets that minimise the summed residual-stream
                               perturbation (to a power) that the policy's eviction causes for
-                              the last W prompt queries
+                              the last W prompt queries, optionally weighted per layer by the
+                              loss per unit of perturbation (LayerGains, fitted once)
     Fixed(budgets)            explicit per-layer budgets in tokens (measurement, replay)
 
 Totals: the allocators that redistribute (Squeeze(clamp=True), Continuous, Pyramid,
@@ -47,6 +48,7 @@ from .ops import kmeans1d, layer_budgets
 # Groups reported (labels, centroids) by the allocators that do not group layers themselves.
 REPORTED_GROUPS = 3
 PROFILE_FORMAT = "squeeze-ops/sensitivity-profile"
+GAINS_FORMAT = "squeeze-ops/layer-gains"
 PROFILE_VERSION = 1
 # Budgets at which the Perturbation signal is measured: KNOTS + 1 evenly spaced fractions of the prompt.
 KNOTS = 64
@@ -435,6 +437,58 @@ def _interpolate(curves, knots, at):
     return y0 + step.clamp(0, 1) * (y1 - y0)
 
 
+class _JsonFile:
+    """save / load of a calibration result through its to_json / from_json."""
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+def _check_format(data, fmt):
+    if data.get("format") != fmt or data.get("version") != PROFILE_VERSION:
+        raise ValueError(f"profile: expected format {fmt!r} version {PROFILE_VERSION}, got "
+                         f"{data.get('format')!r} version {data.get('version')}")
+
+
+@dataclass(frozen=True)
+class LayerGains(_JsonFile):
+    """How much one model's loss moves per unit of a layer's residual perturbation.
+
+    values[l] > 0: nats/token of loss per unit of E_l (Perturbation's signal) under `policy`,
+    normalised to mean 1 over the layers (only their ratios matter to an allocation). Fitted
+    once per model and policy on calibration text (squeeze_ops.calibration.fit_gains); keep the
+    file next to the model's settings and load it at run time.
+    """
+
+    model: str
+    num_layers: int
+    policy: str
+    values: tuple
+    source: str = ""
+
+    def __post_init__(self):
+        if len(self.values) != self.num_layers or not all(v > 0 for v in self.values):
+            raise ValueError(f"values: expected {self.num_layers} positive layer gains, got {self.values}")
+
+    def to_json(self):
+        return {"format": GAINS_FORMAT, "version": PROFILE_VERSION, "model": self.model,
+                "num_layers": self.num_layers, "policy": self.policy, "values": list(self.values),
+                "source": self.source}
+
+    @classmethod
+    def from_json(cls, data):
+        _check_format(data, GAINS_FORMAT)
+        return cls(data["model"], int(data["num_layers"]), data["policy"], tuple(float(v) for v in data["values"]),
+                   data.get("source", ""))
+
+
 @dataclass(frozen=True)
 class Perturbation(_Observing):
     """Per request, from the prefill: the budgets that minimise the summed perturbation of
@@ -442,11 +496,13 @@ class Perturbation(_Observing):
 
     E_l(b) = mean over the last `window` prompt queries of |Wo (o - o(b))|^2 / |x|^2: how far
     restricting layer l's attention to the b slots the policy keeps moves the residual stream
-    (planner.attention_perturbation). The budgets solve
-        min  sum_l E_l(b_l)^power   such that  sum_l b_l = total,
+    (planner.attention_perturbation). With `gains` (LayerGains: g_l, the loss per unit of E_l
+    at layer l, fitted once per model and policy) the signal is g_l E_l(b), else E_l(b). The
+    budgets solve
+        min  sum_l (g_l E_l(b_l))^power   such that  sum_l b_l = total,
              floor * base <= b_l <= cap * base (and what a layer can hold),
     over the lower convex hull of each curve (known at KNOTS + 1 budgets, linear between): for a
-    price lam per token each layer takes argmin_b E_l(b)^power + lam * b, lam is found by a fixed
+    price lam per token each layer takes argmin_b (g_l E_l(b))^power + lam * b, lam is found by a fixed
     number of bisection steps on log(lam) (no host synchronisation) and the two hull vertices
     around the total are interpolated. power > 1 weighs the worst layers more (power -> inf
     equalises E). Unlike attention mass, E is small for a layer whose evicted tokens carry values
@@ -459,6 +515,7 @@ class Perturbation(_Observing):
     floor: float = 0.25
     cap: float = 4.0
     window: int = 32
+    gains: Optional[LayerGains] = None
 
     uses_groups = False
     needs_perturbation = True
@@ -470,17 +527,25 @@ class Perturbation(_Observing):
             raise ValueError(f"power: expected > 0, got {self.power}")
         _check_bounds(self.floor, self.cap)
         self._check_window()
+        if self.gains is not None and not isinstance(self.gains, LayerGains):
+            raise ValueError(f"gains: expected LayerGains or None, got {type(self.gains).__name__}")
 
     def allocate(self, request):
         if request.perturbation is None:
             raise ValueError("perturbation: Perturbation needs the prefill's attention perturbation curves "
                              f"(prefill with observe={self.window} and the policy)")
-        knots = perturbation_knots(request.prompt_lens, request.perturbation.shape[-1] - 1)
+        curves = request.perturbation.double()
+        if self.gains is not None:
+            if self.gains.num_layers != request.num_layers:
+                raise ValueError(f"gains: expected the gains of {request.num_layers} layers, got "
+                                 f"{self.gains.num_layers} ({self.gains.model})")
+            curves = curves * _on_device(self.gains.values, torch.float64, curves.device)[None, :, None]
+        knots = perturbation_knots(request.prompt_lens, curves.shape[-1] - 1)
         base = request.base.double()[:, None]
         lo, hi = request.bounds(low=self.floor * base, high=self.cap * base)
         # Candidate budgets: the knots, clamped into each layer's bounds (E = 0 past the prompt).
         budgets = torch.minimum(torch.maximum(knots[:, None, :], lo[..., None]), hi[..., None])
-        cost = _interpolate(request.perturbation.double(), knots,
+        cost = _interpolate(curves, knots,
                             budgets.minimum(knots[:, None, -1:])).clamp_min(0).pow(self.power)
         cost = cost / cost.amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)  # scale-free prices
         total = request.total()
@@ -501,7 +566,7 @@ class Perturbation(_Observing):
 
     def describe(self):
         return f"perturbation power={self.power:g} floor={self.floor:g} cap={self.cap:g}" + (
-            "" if self.window == 32 else f" window={self.window}")
+            "" if self.window == 32 else f" window={self.window}") + ("" if self.gains is None else " gained")
 
 
 @dataclass(frozen=True)
@@ -526,7 +591,7 @@ class Fixed:
 
 
 @dataclass(frozen=True)
-class SensitivityProfile:
+class SensitivityProfile(_JsonFile):
     """How much one model's loss rises when a single layer's cache is compressed.
 
     values[j][l]: mean NLL change (nats/token) when only layer l keeps budgets[j] * prompt
@@ -563,22 +628,10 @@ class SensitivityProfile:
 
     @classmethod
     def from_json(cls, data):
-        if data.get("format") != PROFILE_FORMAT or data.get("version") != PROFILE_VERSION:
-            raise ValueError(f"profile: expected format {PROFILE_FORMAT!r} version {PROFILE_VERSION}, got "
-                             f"{data.get('format')!r} version {data.get('version')}")
+        _check_format(data, PROFILE_FORMAT)
         return cls(data["model"], int(data["num_layers"]), data["policy"], tuple(float(f) for f in data["budgets"]),
                    tuple(tuple(float(v) for v in row) for row in data["values"]), data.get("source", ""),
                    float(data.get("context", 1.0)))
-
-    def save(self, path):
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-            f.write("\n")
-
-    @classmethod
-    def load(cls, path):
-        with open(path) as f:
-            return cls.from_json(json.load(f))
 
     def loss_curves(self):
         """Per layer, the loss at the knots budgets + (1,) as a non-negative, non-increasing

@@ -12,13 +12,16 @@ the context. The L x len(fractions) settings of one window decode as batches of 
     ...
     allocator = Calibrated(SensitivityProfile.load("models/smollm2/sensitivity.h2o.json"))
 
+Layer gains for the Perturbation allocator: fit_gains relates in-context profiles to the mean
+residual perturbation of the same windows (one number per layer and policy, saved the same way).
+
 In context (around the operating point, where the layers interact): one profile per budget the
 engine runs at, e.g. context 0.2 with fractions in_context_fractions(0.2); Calibrated takes the
 tuple of them and uses, per sequence, the one nearest to its budget.
 """
 import torch
 
-from .allocators import Fixed, SensitivityProfile
+from .allocators import Fixed, LayerGains, SensitivityProfile, _interpolate, perturbation_knots
 from .evaluation import score_batch
 from .policies import SqueezeSettings
 
@@ -84,3 +87,47 @@ def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS,
     values = totals / len(windows)
     return SensitivityProfile(model, num_layers, policy.describe(), tuple(fractions),
                               tuple(tuple(row) for row in values.tolist()), source, context)
+
+
+def fit_gains(runner, windows, policy, profiles, model, window=32, source="", min_share=0.01):
+    """LayerGains of `runner`'s model under `policy`: per layer l, the loss per unit of the
+    residual perturbation E_l that Perturbation reads, fitted through the origin to in-context
+    profiles measured on the same windows:
+        profile value (layer l at f, the others at c)  ~  g_l * (E_l(f T) - E_l(c T)),
+    over every profile (context c) and measured fraction f != c, with dE_l the change averaged
+    over the windows' prefills (observe=window), as the profile values are averages over them.
+    g_l = sum(value * dE) / sum(dE^2); a fit below min_share of the mean positive fit (noise:
+    compressing the layer did not raise the loss) is raised to it, so that no layer is free; the
+    gains are normalised to mean 1.
+
+    profiles: SensitivityProfiles of this model and policy with context < 1 (calibration's
+    measure_profile with context=c and in_context_fractions(c)).
+    """
+    if not profiles or any(p.context >= 1 or p.num_layers != runner.num_layers for p in profiles):
+        raise ValueError("profiles: expected in-context profiles (context < 1) of this model's layers")
+    num_layers = runner.num_layers
+    cells = [(p, f, row) for p in profiles for f, row in zip(p.budgets, p.values) if f != p.context]
+    d_e = torch.zeros(len(cells), num_layers, dtype=torch.float64)
+    for prompt, _ in windows:
+        record, _ = runner.prefill([prompt], scores=policy.needs_scores, score_window=policy.score_window,
+                                   observe=window, perturb=(policy,))
+        curves = torch.stack(record.perturbation[policy], 1).double().cpu()  # [1, L, KNOTS + 1]
+        T = len(prompt)
+        knots = perturbation_knots(torch.tensor([T]))
+
+        def at(tokens):  # E_l at `tokens` for every layer: [L]
+            where = torch.full((1, num_layers, 1), float(tokens), dtype=torch.float64)
+            return _interpolate(curves, knots, where)[0, :, 0]
+
+        # The budgets measure_profile gave: max(1, int(c T)) for the others, max(1, round(f T)) for the layer.
+        for i, (p, f, _) in enumerate(cells):
+            d_e[i] += (at(max(1, round(f * T))) - at(max(1, int(p.context * T)))) / len(windows)
+    values = torch.tensor([row for _, _, row in cells], dtype=torch.float64)
+    num, den = (values * d_e).sum(0), (d_e * d_e).sum(0)
+    fit = num / den.clamp_min(1e-300)
+    positive = fit[fit > 0]
+    floor = min_share * (positive.mean().item() if positive.numel() else 1.0)
+    gains = fit.clamp_min(floor)
+    gains = gains / gains.mean()
+    return LayerGains(model, num_layers, policy.describe(), tuple(gains.tolist()), source)
+

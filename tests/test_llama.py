@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from squeeze_ops.allocators import KNOTS, Coverage, Fixed, Perturbation  # noqa: E402
 from squeeze_ops.cache import SqueezeKVCache  # noqa: E402
-from squeeze_ops.calibration import measure_profile  # noqa: E402
+from squeeze_ops.calibration import fit_gains, measure_profile  # noqa: E402
 from squeeze_ops.llama import LlamaRunner  # noqa: E402
 from squeeze_ops.policies import SequencePolicy, SqueezeSettings  # noqa: E402
 
@@ -167,6 +167,24 @@ def test_measure_profile_is_the_nll_change_of_one_layer(tiny, context):
     assert prof.values[0][layer] != 0 and prof.values[0][layer] == pytest.approx(nll(budgets) - reference, abs=1e-5)
     if context == 0.5:
         assert all(v == 0 for v in prof.values[1])  # the context itself is not decoded
+
+
+def test_fit_gains_reads_the_runners_perturbation(tiny):
+    """fit_gains over a real prefill: the in-context profile of one window against the curves
+    the prefill records for it; positive gains, mean 1, one per layer; a Perturbation with them
+    plans a cache."""
+    model, prompts, targets = tiny
+    runner = LlamaRunner(model)
+    window = [(prompts[2], targets[2, :4])]
+    policy = SequencePolicy.streaming(1)
+    prof = measure_profile(runner, window, policy, "tiny", (0.25, 0.5, 0.875), batch=4, context=0.5)
+    gains = fit_gains(runner, window, policy, (prof,), "tiny", window=4)
+    assert len(gains.values) == runner.num_layers and all(g > 0 for g in gains.values)
+    assert sum(gains.values) == pytest.approx(runner.num_layers)
+    record, _ = runner.prefill(prompts[2:], observe=4, perturb=(policy,))
+    allocator = Perturbation(1.0, 0.5, 2.0, window=4, gains=gains)
+    cache = SqueezeKVCache.build(record, policy, SqueezeSettings(b_init=0.5, allocator=allocator), 4)
+    assert int(cache.budgets.sum()) == runner.num_layers * int(0.5 * LENS[2])
 
 
 def test_score_returns_nll_and_top1(tiny):

@@ -9,7 +9,8 @@ import torch
 
 import squeeze_ops  # noqa: F401  (registers torch.ops.squeeze.*)
 from squeeze_ops import reference
-from squeeze_ops.allocators import KNOTS, Perturbation, Uniform, perturbation_knots
+from squeeze_ops.allocators import KNOTS, LayerGains, Perturbation, SensitivityProfile, Uniform, perturbation_knots
+from squeeze_ops.calibration import fit_gains
 from squeeze_ops.cache import PrefillRecord, SqueezeKVCache, needs_perturbation, observation_window
 from squeeze_ops.planner import allocate, attention_perturbation, kept_order
 from squeeze_ops.policies import SequencePolicy, SqueezeSettings
@@ -21,6 +22,10 @@ POLICIES = [SequencePolicy.window(), SequencePolicy.streaming(sinks=3), Sequence
 
 def describe(policy):
     return f"{policy.kind}-s{policy.sinks}-r{policy.recent_ratio:g}"
+
+
+def gains_of(values, model="test"):
+    return LayerGains(model, len(values), "streaming(3 sinks)", tuple(values))
 
 
 @pytest.mark.parametrize(
@@ -117,7 +122,8 @@ def cos_sum(lens):
 
 @pytest.mark.parametrize("policy", POLICIES[:3], ids=describe)
 @pytest.mark.parametrize("b_init", [0.05, 0.2, 0.5, 0.9])
-@pytest.mark.parametrize("allocator", [Perturbation(), Perturbation(1.0, 0.5, 2.0), Perturbation(4.0, 0.75, 1.5)],
+@pytest.mark.parametrize("allocator", [Perturbation(), Perturbation(1.0, 0.5, 2.0), Perturbation(4.0, 0.75, 1.5),
+                                       Perturbation(1.0, 0.5, 2.0, gains=gains_of((3, 0.1, 1, 1, 0.9)))],
                          ids=lambda a: a.describe())
 def test_perturbation_conserves_the_total_within_floor_and_cap(policy, b_init, allocator):
     lens = [200, 77, 513, 31, 1]
@@ -173,13 +179,15 @@ def test_perturbation_power_equalises_the_worst_layers():
     assert worst[0] >= worst[1] >= worst[2]
 
 
-def test_perturbation_traces_without_host_sync():
+@pytest.mark.parametrize("allocator", [Perturbation(), Perturbation(1.0, gains=gains_of((0.5, 2, 1, 1, 0.5)))],
+                         ids=lambda a: a.describe())
+def test_perturbation_traces_without_host_sync(allocator):
     lens = [100, 37, 250]
     n = torch.tensor(lens, dtype=torch.int32)
     E, sums = curves(lens), cos_sum(lens)
 
     def plan(c, m, e):
-        return allocate(c, m, Perturbation(), b_init=0.25, capacity=m + 16, min_budget=4, perturbation=e).budgets
+        return allocate(c, m, allocator, b_init=0.25, capacity=m + 16, min_budget=4, perturbation=e).budgets
 
     compiled = torch.compile(plan, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(sums, n, E), plan(sums, n, E))
@@ -199,6 +207,88 @@ def test_perturbation_bad_input_raises():
                        (lambda: Perturbation(cap=0.5), "cap"), (lambda: Perturbation(window=0), "window")):
         with pytest.raises(ValueError, match=name):
             make()
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_gains_weigh_each_layers_curve(power):
+    """Perturbation with gains g allocates exactly as without them on the curves g_l * E_l."""
+    lens = [300, 57, 1000]
+    n = torch.tensor(lens)
+    values = (0.2, 3.0, 1.0, 0.05, 0.75)
+    E = curves(lens, seed=3)
+    weighted = (E.double() * torch.tensor(values, dtype=torch.float64)[None, :, None]).float()
+    gained = allocate(cos_sum(lens), n, Perturbation(power, 0.5, 2.0, gains=gains_of(values)), b_init=0.2,
+                      perturbation=E)
+    plain = allocate(cos_sum(lens), n, Perturbation(power, 0.5, 2.0), b_init=0.2, perturbation=weighted)
+    assert torch.equal(gained.budgets, plain.budgets)
+    # A layer whose loss per unit of perturbation is larger gets more of the budget than without gains.
+    ungained = allocate(cos_sum(lens), n, Perturbation(power, 0.5, 2.0), b_init=0.2, perturbation=E)
+    assert (gained.budgets[:, 1] >= ungained.budgets[:, 1]).all()
+    assert (gained.budgets[:, 3] <= ungained.budgets[:, 3]).all()
+
+
+def test_gains_round_trip_through_their_file(tmp_path):
+    gains = gains_of((0.5, 1.5, 1.0, 0.25, 1.75))
+    path = tmp_path / "m.streaming.gains.json"
+    gains.save(path)
+    assert LayerGains.load(path) == gains
+    assert Perturbation(gains=LayerGains.load(path)) == Perturbation(gains=gains)
+    with pytest.raises(ValueError, match="format"):
+        LayerGains.from_json(dict(gains.to_json(), format="squeeze-ops/sensitivity-profile"))
+
+
+def test_gains_bad_input_raises():
+    lens = [40]
+    with pytest.raises(ValueError, match="values"):
+        gains_of((1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="values"):
+        LayerGains("m", 3, "window", (1.0, 1.0))
+    with pytest.raises(ValueError, match="gains"):
+        Perturbation(gains=(1.0,) * L)
+    with pytest.raises(ValueError, match="gains"):
+        allocate(cos_sum(lens), torch.tensor(lens), Perturbation(gains=gains_of((1.0,) * (L + 1))), b_init=0.2,
+                 perturbation=curves(lens))
+
+
+class CurveRunner:
+    """A stand-in for LlamaRunner in fit_gains: its prefill records fixed perturbation curves."""
+
+    def __init__(self, curves):
+        self.curves, self.num_layers, self.calls = curves, curves.shape[0], []
+
+    def prefill(self, prompts, scores, score_window, observe, perturb):
+        self.calls.append((len(prompts[0]), scores, observe, perturb))
+        record = PrefillRecord.start([len(prompts[0])], self.num_layers, "cpu")
+        record.perturbation[perturb[0]] = [c[None] for c in self.curves]
+        return record, None
+
+
+def test_fit_gains_recovers_the_loss_per_unit_of_perturbation():
+    """Profiles made as g_l * (E_l(f T) - E_l(c T)) give back g (normalised to mean 1); a layer
+    whose fit is negative gets the floor."""
+    T, policy = 640, SequencePolicy.streaming(sinks=3)
+    E = curves([T], seed=5)[0]  # [L, KNOTS + 1]
+    true = torch.tensor([0.5, 2.0, 1.0, 3.0, -1.0], dtype=torch.float64)
+    knots = perturbation_knots(torch.tensor([T]))[0].numpy()
+
+    def at(tokens):
+        return torch.tensor([np.interp(tokens, knots, E[layer].double().numpy()) for layer in range(L)])
+
+    profiles = []
+    for c in (0.1, 0.3):
+        fractions = (0.25 * c, 0.5 * c, c, 1.75 * c)
+        rows = tuple(tuple((true * (at(max(1, round(f * T))) - at(int(c * T)))).tolist()) for f in fractions)
+        profiles.append(SensitivityProfile("test", L, policy.describe(), fractions, rows, context=c))
+    runner = CurveRunner(E)
+    windows = [(torch.zeros(T, dtype=torch.long), None)] * 2
+    gains = fit_gains(runner, windows, policy, tuple(profiles), "test", window=16, min_share=0.01)
+    assert runner.calls == [(T, False, 16, (policy,))] * 2
+    floor = 0.01 * true[:4].mean()
+    want = torch.cat([true[:4], floor[None]])
+    torch.testing.assert_close(torch.tensor(gains.values, dtype=torch.float64), want / want.mean())
+    assert gains.model == "test" and gains.policy == policy.describe()
+    with pytest.raises(ValueError, match="profiles"):
+        fit_gains(runner, windows, policy, (SensitivityProfile("test", L, "x", (0.5,), ((0.0,) * L,)),), "test")
 
 
 def record_with_perturbation(lens, policy, window=32, seed=0):
