@@ -48,7 +48,8 @@ def torch_libstdcxx():
 # Link that libstdc++ ahead of the compiler's own: a toolchain that links a static copy (a GCC
 # under /opt/gcc was seen doing so) would give the library a second C++ runtime, and a
 # c10::Error thrown by a TORCH_CHECK then crashes the process instead of raising.
-link = ["-fopenmp"] + ([torch_libstdcxx()] if torch_libstdcxx() else [])
+libstdcxx = torch_libstdcxx()
+link = ["-fopenmp"] + ([libstdcxx] if libstdcxx else [])
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # No --use_fast_math: kmeans1d must give bit-identical partitions on CPU and GPU.

@@ -5,7 +5,8 @@
 # results.tgz, the log and the built library, so that a second call can skip the build), a
 # summary prints last.
 # Each step has its own time limit so that one slow step cannot eat the whole lease; one
-# command may run 10 minutes at most there, so the work comes in two parts of ~8 minutes.
+# command may run 10 minutes at most there, so the work comes in two parts (on an H200: kernels
+# ~4 min, e2e ~3.5 min, the build included).
 # Usage (repository root, on the GPU machine): bash bench/device_check.sh [kernels|e2e|all] [--quick]
 #   kernels: build, the whole test suite (the Triton launchers then run compiled on the GPU), the
 #   per-op benchmarks, memcheck;  e2e: build, bench_e2e.  SQUEEZE_SKIP_BUILD=1 keeps a library
