@@ -79,7 +79,7 @@ def decode_attention():
                                      ("bf16", 1, 64, False, False), ("fp16", 3, 64, True, False),
                                      ("bf16", 2, 256, True, True)]:
         compile_decode_kernel(da._split_kernel, kv, dict(
-            G=G, D=D, S=4, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_N=da.BLOCK_N, BLOCK_D=co.block_d(D),
+            G=G, D=D, S=4, BLOCK_H=max(16, da.decode_tiles(G, 1, D).block_g), BLOCK_N=da.BLOCK_N, BLOCK_D=co.block_d(D),
             APPEND=append, SCORES=scores, DOT_PRECISION="tf32"), num_warps=4, num_stages=2)
     # Combine pass: SCORE_BLOCK and EVICT_BLOCK from the capacity as run_decode derives them, num_warps 8.
     for kv, G, C, scores, evict, policy in [("bf16", 4, 16384, True, True, "h2o"),

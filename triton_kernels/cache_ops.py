@@ -9,6 +9,7 @@ Without SQUEEZE_DEBUG=1 the value checks (lens, budget, pos) run only for CPU te
 kernels instead clamp lens to [0, C] and never write outside the first C slots: an append to a
 full cache is dropped, and the eviction only moves slots below lens.
 """
+import functools
 import os
 
 import triton
@@ -179,10 +180,13 @@ def _evict_kernel(k_ptr, v_ptr, n_ptr, lens_ptr, pos_ptr, score_ptr, budget_ptr,
     tl.store(lens_ptr + b, kept, mask=h == 0)
 
 
+# Tile helpers run on every eager launch: cached, since triton's host helpers cost microseconds.
+@functools.lru_cache(maxsize=1024)
 def block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
+@functools.lru_cache(maxsize=1024)
 def evict_block(C):
     """Slots per step of the victim search: wide, since one program scans a whole (sequence, head)
     and each step waits for its loads (a 16k-slot head takes 4 steps)."""

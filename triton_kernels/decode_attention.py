@@ -31,7 +31,6 @@ BLOCK_N = 64  # keys per tile of the split pass
 MIN_TILES_PER_SPLIT = 2  # keeps a split's K/V read large against its partial-output traffic
 
 
-@functools.lru_cache(maxsize=None)
 def _programs_wanted(device):
     """Split-pass programs that keep the device busy: several waves on a GPU (so the last, partial
     wave costs little); on the CPU interpreter a small number, enough for tests to exercise the
@@ -41,7 +40,7 @@ def _programs_wanted(device):
     return 16
 
 
-@functools.lru_cache(maxsize=1024)  # asked on every eager decode step, where its host cost would show
+@functools.lru_cache(maxsize=1024)  # asked on every eager decode step (and reads device properties)
 def split_plan(B, Hkv, C, device):
     """(split_len, S): every split covers split_len slots (a multiple of BLOCK_N), S = the most
     splits a sequence of C slots needs. Chosen from shapes only."""
