@@ -28,9 +28,12 @@ step() {  # step NAME SECONDS COMMAND...
   echo "=== $name" | tee -a "$log"
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
-  status+=("$(printf '| %s | %s | %ss |' "$name" "$([ "$rc" = 0 ] && echo ok || echo "FAILED (rc $rc)")" $((SECONDS - t0)))")
+  local verdict=ok
+  [ "$rc" = 0 ] || verdict="FAILED (rc $rc)"
+  status+=("$(printf '| %s | %s | %ss |' "$name" "$verdict" $((SECONDS - t0)))")
 }
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$log"
+python3 -c "import torch, triton
+print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$log"
 if [ "${SQUEEZE_SKIP_BUILD:-0}" = 1 ] && ls squeeze_ops/_C*.so >/dev/null 2>&1; then
   echo "=== build skipped: $(ls squeeze_ops/_C*.so)" | tee -a "$log"
 else

