@@ -179,7 +179,9 @@ def kept_order(n, policy, scores=None):
     window: the newest first. streaming: the sinks (newest first), then the newest others.
     h2o: each position's entry budget (the smallest b that keeps it) by bisection on b,
     membership counted as in kept_positions (sinks, floor(b * recent_ratio) newest, heavy
-    hitters by score, ties to the larger position): O(n^2) per KV head, at prefill.
+    hitters by score, ties to the larger position). A heavy hitter's test counts the middle
+    positions evicted after it (_AheadCounter): O(n sqrt(n)) time and memory per KV head and
+    bisection step, at prefill.
     """
     t = torch.arange(n, device=scores.device if scores is not None else None)
     s = min(policy.sinks, n)
@@ -189,14 +191,12 @@ def kept_order(n, policy, scores=None):
         raise ValueError(f"scores: the h2o kept order needs the prompt's column scores [n={n}, Hkv]")
     orders = []
     for column in scores.t().double():
-        # ahead[i, u]: position u is evicted after position i (higher score; ties: larger position).
-        ahead = (column[None, :] > column[:, None]) | ((column[None, :] == column[:, None]) & (t[None, :] > t[:, None]))
+        ahead = _AheadCounter(column, s)
 
         def kept(b):  # int64 [n] budgets -> bool [n]: position i kept by a cache of b[i] slots
             recent_start = torch.clamp(n - torch.floor(b.double() * policy.recent_ratio).long(), min=s)
             protected = s + n - recent_start
-            middle = (t[None, :] >= s) & (t[None, :] < recent_start[:, None])
-            heavy = (ahead & middle).sum(-1) < b - protected
+            heavy = ahead.count(recent_start) < b - protected  # decides only for the middle positions
             full = (t < s) | (t >= recent_start) | heavy
             # Fewer slots than protected tokens: the sinks, then the newest (or the newest sinks).
             short = torch.where(b >= s, (t < s) | (t >= n - (b - s)), (t >= s - b) & (t < s))
@@ -211,6 +211,44 @@ def kept_order(n, policy, scores=None):
     return torch.stack(orders)
 
 
+class _AheadCounter:
+    """For every position i of a prompt and an end R[i]: how many positions u in [s, R[i]) an
+    h2o cache evicts after i (u ahead of i: a higher score, or an equal score and u > i).
+
+    Ranks in eviction order (0 = kept longest) make that a 2-D dominance count, answered from
+    per-block prefix histograms: with blocks of S ~ sqrt(n) positions, C[j, x] counts the
+    positions in [s, j * S) of rank < x, and the block holding R[i] is compared directly.
+    Memory (n / S + 1) x (n + 1) counts plus n x S per query, instead of an n x n matrix.
+    """
+
+    def __init__(self, column, s):
+        n = column.shape[0]
+        device = column.device
+        # Descending score, ties to the larger position: a stable sort of the reversed column.
+        by_rank = n - 1 - column.flip(0).argsort(descending=True, stable=True)
+        self.rank = torch.empty_like(by_rank)
+        self.rank[by_rank] = torch.arange(n, device=device)
+        self.block = max(1, int(n ** 0.5))
+        blocks = -(-n // self.block)
+        pos = torch.arange(n, device=device)
+        counted = (pos >= s).long()
+        hist = torch.zeros(blocks, n + 1, dtype=torch.long, device=device)
+        hist.index_put_((pos // self.block, self.rank + 1), counted, accumulate=True)
+        # C[j, x]: positions in [s, j * S) with rank < x (row 0: none).
+        self.prefix = F.pad(hist.cumsum(1).cumsum(0), (0, 0, 1, 0))
+        self.s, self.n = s, n
+
+    def count(self, end):
+        """int64 [n]: for each position i, the positions u in [s, end[i]) ahead of i."""
+        n, S = self.n, self.block
+        j = end // S
+        whole = self.prefix[j, self.rank]
+        u = j[:, None] * S + torch.arange(S, device=end.device)  # [n, S]: the block holding end
+        inside = (u < end[:, None]) & (u >= self.s)
+        partial = (inside & (self.rank[u.clamp_max(n - 1)] < self.rank[:, None])).sum(1)
+        return whole + partial
+
+
 def attention_perturbation(q, k, v, lse, out_proj, residual, prompt_lens, policy, window, scale, scores=None):
     """How far evicting a layer's prompt to b slots moves the residual stream, per prompt, at
     the budgets b_j = perturbation_knots(T)[j]: the signal of the Perturbation allocator.
@@ -221,7 +259,7 @@ def attention_perturbation(q, k, v, lse, out_proj, residual, prompt_lens, policy
     reference.kept_positions with the prefill's scores; no slot: o_i(0) = 0); Wo the layer's
     output projection; x_i the residual stream after the attention is added (x_in + Wo o_i).
     E = 0 from b = T on. Plain PyTorch at prefill: W x T x D work per query head plus
-    W x KNOTS output projections per prompt (and kept_order's O(T^2) per KV head for h2o).
+    W x KNOTS output projections per prompt (and kept_order's O(T^1.5 log T) per KV head for h2o).
     q [T, H, D], k/v [T, Hkv, D] packed (keys after RoPE); lse fp32 [T, H] (prefill_attention's);
     out_proj [hidden, H * D] (the o_proj weight); residual [T, hidden] (x_in + attention);
     prompt_lens: host list of the B lengths; policy: the SequencePolicy; scores fp32 [T, Hkv]:

@@ -41,6 +41,21 @@ def test_kept_order_prefixes_are_the_kept_positions(policy, n):
             assert sorted(order[g, : min(b, n)].tolist()) == want.tolist(), (g, b)
 
 
+@pytest.mark.parametrize("policy", [SequencePolicy.h2o(sinks=3, recent_ratio=0.3), SequencePolicy.h2o()],
+                         ids=describe)
+@pytest.mark.parametrize("n", [257, 1000])
+def test_h2o_kept_order_of_long_prompts(policy, n):
+    # Blocks of the ahead counter end mid-prompt; few distinct scores give long runs of ties.
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.cat([torch.randint(0, 6, (n, 1), generator=gen).float(), torch.rand(n, 1, generator=gen)], 1)
+    order = kept_order(n, policy, scores)
+    budgets = sorted({0, 1, 2, 3, 4, n - 1, n, *torch.randint(5, n, (24,), generator=gen).tolist()})
+    for g in range(2):
+        for b in budgets:
+            want = reference.kept_positions(n, b, policy.kind, policy.sinks, policy.recent_ratio, scores[:, g])
+            assert sorted(order[g, : min(b, n)].tolist()) == want.tolist(), (g, b)
+
+
 def perturbation_by_definition(q, k, v, out_proj, residual, lens, policy, window, scale, scores):
     """E[b, j] straight from the docstring: per knot the kept positions, the softmax over them."""
     out = torch.zeros(len(lens), KNOTS + 1, dtype=torch.float64)
