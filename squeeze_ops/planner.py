@@ -258,8 +258,9 @@ def attention_perturbation(q, k, v, lse, out_proj, residual, prompt_lens, policy
     attention restricted (and renormalised) to the b slots the policy keeps (kept_order, as
     reference.kept_positions with the prefill's scores; no slot: o_i(0) = 0); Wo the layer's
     output projection; x_i the residual stream after the attention is added (x_in + Wo o_i).
-    E = 0 from b = T on. Plain PyTorch at prefill: W x T x D work per query head plus
-    W x KNOTS output projections per prompt (and kept_order's O(T^1.5 log T) per KV head for h2o).
+    E = 0 from b = T on (and for an empty prompt). Plain PyTorch at prefill: W x T x D work and
+    W x T memory per query head, W x KNOTS output projections per prompt (and kept_order's
+    O(T^1.5 log T) per KV head for h2o).
     q [T, H, D], k/v [T, Hkv, D] packed (keys after RoPE); lse fp32 [T, H] (prefill_attention's);
     out_proj [hidden, H * D] (the o_proj weight); residual [T, hidden] (x_in + attention);
     prompt_lens: host list of the B lengths; policy: the SequencePolicy; scores fp32 [T, Hkv]:
@@ -271,19 +272,27 @@ def attention_perturbation(q, k, v, lse, out_proj, residual, prompt_lens, policy
     out = torch.zeros(len(prompt_lens), KNOTS + 1, dtype=torch.float32, device=q.device)
     start = 0
     for row, n in enumerate(prompt_lens):
+        if n == 0:  # nothing to evict: E = 0
+            continue
         p = _last_query_attention(q, k, lse, start, n, window, scale)  # [H, W, n]
         order = kept_order(n, policy, None if scores is None else scores[start : start + n]).to(q.device)
         kept = perturbation_knots(torch.tensor([n]), KNOTS)[0].long().to(q.device)  # slots kept at each knot
+        # The kept-order positions between consecutive knots, padded to the longest segment
+        # (lengths differ by at most one): segment sums by one batched product, never [W, T, D].
+        width = max(int((kept[1:] - kept[:-1]).max()), 1)
+        slot = kept[:-1, None] + torch.arange(width, device=q.device)  # [KNOTS, width]
+        in_segment = slot < kept[1:, None]
+        slot = slot.clamp_max(n - 1)
         deltas = []
         for g in range(Hkv):
-            first = order[min(g, order.shape[0] - 1)]
-            ph = p[g * group : (g + 1) * group][..., first].double()  # [group, W, n], in kept order
-            vh = v[start : start + n, g][first].double()  # [n, D]
-            # Prefix sums in kept order (leading 0): the kept sums at every knot.
-            mass = F.pad(ph.cumsum(-1), (1, 0))[..., kept]  # [group, W, KNOTS + 1]
-            weighted = F.pad((ph[..., None] * vh).cumsum(-2), (0, 0, 1, 0))[:, :, kept]  # [group, W, KNOTS + 1, D]
-            full = (ph[..., None] * vh).sum(-2) / ph.sum(-1, keepdim=True)  # [group, W, D]
-            deltas.append(full[:, :, None, :] - weighted / mass.clamp_min(1e-300)[..., None])
+            first = order[min(g, order.shape[0] - 1)][slot]  # prompt positions [KNOTS, width]
+            ph = p[g * group : (g + 1) * group].double()[..., first] * in_segment  # [group, W, KNOTS, width]
+            vh = v[start : start + n, g].double()[first]  # [KNOTS, width, D]
+            # Prefix sums over the segments (leading 0): the kept sums at every knot.
+            mass = F.pad(ph.sum(-1).cumsum(-1), (1, 0))  # [group, W, KNOTS + 1]
+            weighted = F.pad(torch.einsum("gwjs,jsd->gwjd", ph, vh).cumsum(-2), (0, 0, 1, 0))  # [.., KNOTS + 1, D]
+            full = weighted[:, :, -1:] / mass[..., -1:, None]  # the last knot keeps the whole prompt
+            deltas.append(full - weighted / mass.clamp_min(1e-300)[..., None])
         delta = torch.cat(deltas).permute(1, 2, 0, 3).reshape(p.shape[1], KNOTS + 1, -1)  # [W, KNOTS + 1, H * D]
         moved = delta @ out_proj.double().t()  # [W, KNOTS + 1, hidden]
         x = residual[start + n - p.shape[1] : start + n].double()  # [W, hidden]

@@ -106,6 +106,22 @@ def test_attention_perturbation_matches_its_definition(policy, lens, window):
     assert (got[:, -1] < 1e-12).all() and (got[:, 0] > 1e-3).all()  # everything kept; nothing kept
 
 
+@pytest.mark.parametrize("policy", POLICIES, ids=describe)
+def test_attention_perturbation_of_empty_prompts_is_zero(policy):
+    torch.manual_seed(3)
+    lens = [0, 37, 0, 130]
+    T = sum(lens)
+    q, k, v = torch.randn(T, H, D), torch.randn(T, HKV, D), torch.randn(T, HKV, D)
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    out, lse, scores = torch.ops.squeeze.prefill_attention(q, k, v, cu, max(lens), 0.4, 0)
+    out_proj = torch.randn(HIDDEN, H * D) / 4
+    residual = torch.randn(T, HIDDEN) + out.reshape(T, -1) @ out_proj.t()
+    got = attention_perturbation(q, k, v, lse, out_proj, residual, lens, policy, 8, 0.4, scores)
+    want = perturbation_by_definition(q, k, v, out_proj, residual, [37, 130], policy, 8, 0.4, scores)
+    assert (got[[0, 2]] == 0).all()
+    torch.testing.assert_close(got[[1, 3]].double(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_attention_perturbation_of_h2o_needs_the_scores():
     q, k = torch.randn(4, H, D), torch.randn(4, HKV, D)
     with pytest.raises(ValueError, match="scores"):
