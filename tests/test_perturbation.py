@@ -89,16 +89,23 @@ def perturbation_by_definition(q, k, v, out_proj, residual, lens, policy, window
     return out
 
 
-@pytest.mark.parametrize("policy", POLICIES, ids=describe)
-@pytest.mark.parametrize("lens,window", [([37, 5, 70], 8), ([1, 3], 1), ([20], 50)])
-def test_attention_perturbation_matches_its_definition(policy, lens, window):
-    torch.manual_seed(len(lens) + window)
+def layer_inputs(lens, seed):
+    """Random q/k/v of packed prompts, the op's lse and scores, an output projection and the
+    residual after the attention: attention_perturbation's inputs but the policy and window."""
+    torch.manual_seed(seed)
     T = sum(lens)
     q, k, v = torch.randn(T, H, D), torch.randn(T, HKV, D), torch.randn(T, HKV, D)
     cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
     out, lse, scores = torch.ops.squeeze.prefill_attention(q, k, v, cu, max(lens), 0.4, 0)
     out_proj = torch.randn(HIDDEN, H * D) / 4
     residual = torch.randn(T, HIDDEN) + out.reshape(T, -1) @ out_proj.t()
+    return q, k, v, lse, out_proj, residual, scores
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=describe)
+@pytest.mark.parametrize("lens,window", [([37, 5, 70], 8), ([1, 3], 1), ([20], 50)])
+def test_attention_perturbation_matches_its_definition(policy, lens, window):
+    q, k, v, lse, out_proj, residual, scores = layer_inputs(lens, len(lens) + window)
     got = attention_perturbation(q, k, v, lse, out_proj, residual, lens, policy, window, 0.4, scores)
     want = perturbation_by_definition(q, k, v, out_proj, residual, lens, policy, window, 0.4, scores)
     assert got.dtype == torch.float32 and got.shape == (len(lens), KNOTS + 1)
@@ -108,14 +115,8 @@ def test_attention_perturbation_matches_its_definition(policy, lens, window):
 
 @pytest.mark.parametrize("policy", POLICIES, ids=describe)
 def test_attention_perturbation_of_empty_prompts_is_zero(policy):
-    torch.manual_seed(3)
     lens = [0, 37, 0, 130]
-    T = sum(lens)
-    q, k, v = torch.randn(T, H, D), torch.randn(T, HKV, D), torch.randn(T, HKV, D)
-    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
-    out, lse, scores = torch.ops.squeeze.prefill_attention(q, k, v, cu, max(lens), 0.4, 0)
-    out_proj = torch.randn(HIDDEN, H * D) / 4
-    residual = torch.randn(T, HIDDEN) + out.reshape(T, -1) @ out_proj.t()
+    q, k, v, lse, out_proj, residual, scores = layer_inputs(lens, 3)
     got = attention_perturbation(q, k, v, lse, out_proj, residual, lens, policy, 8, 0.4, scores)
     want = perturbation_by_definition(q, k, v, out_proj, residual, [37, 130], policy, 8, 0.4, scores)
     assert (got[[0, 2]] == 0).all()
