@@ -279,7 +279,7 @@ def attention_perturbation(q, k, v, lse, out_proj, residual, prompt_lens, policy
         kept = perturbation_knots(torch.tensor([n]), KNOTS)[0].long().to(q.device)  # slots kept at each knot
         # The kept-order positions between consecutive knots, padded to the longest segment
         # (lengths differ by at most one): segment sums by one batched product, never [W, T, D].
-        width = max(int((kept[1:] - kept[:-1]).max()), 1)
+        width = -(-n // KNOTS)  # ceil(n / KNOTS): the longest segment
         slot = kept[:-1, None] + torch.arange(width, device=q.device)  # [KNOTS, width]
         in_segment = slot < kept[1:, None]
         slot = slot.clamp_max(n - 1)
