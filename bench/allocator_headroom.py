@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from squeeze_ops import evaluation as ev
-from squeeze_ops.allocators import Fixed, LayerGains, perturbation_knots
+from squeeze_ops.allocators import LayerGains, perturbation_knots
 from squeeze_ops.policies import SqueezeSettings
 
 from .allocators import MODEL_NAME, OBSERVE, PROFILE_DIR, mean_se
@@ -92,8 +92,7 @@ def predicted(curve, prompt_len, base, delta):
 
 def score_rows(runner, prefill, continuation, policy, rows, label, progress):
     """Per-token NLL (list of lists [n][G]) of the continuation under Fixed budget rows."""
-    # Fixed ignores the base budget; SqueezeSettings needs one.
-    settings = [SqueezeSettings(base_tokens=1, allocator=Fixed(tuple(row))) for row in rows]
+    settings = [SqueezeSettings.fixed(row) for row in rows]
     targets = continuation[None].to(runner.device)
     _, nll, _ = ev.score_batch(runner, prefill, targets, policy, settings, label, progress)
     return nll.double().tolist()
@@ -112,10 +111,9 @@ def measure_window(runner, prompt, continuation, policy, fraction, step, cache_f
     rows = marginal_budgets(L, base, delta)
     nll = score_rows(runner, prefill, continuation, policy, rows, f"decode {len(rows)} marginals", progress)
     half = G // 2
-    mean = lambda rows_nll, part: [float(np.mean(r[part])) for r in rows_nll]  # noqa: E731
     whole, first, second = slice(0, G), slice(1, half), slice(half, G)  # token 0 comes from the prefill
-    gain, cost = effects(mean(nll, whole))
-    gain1, cost1 = effects(mean(nll, first))
+    gain, cost = effects([np.mean(r[whole]) for r in nll])
+    gain1, cost1 = effects([np.mean(r[first]) for r in nll])
     swaps = [swap(gain, cost, k, base, delta) for k in SWAPS] + [swap(gain1, cost1, k, base, delta) for k in SWAPS]
     swapped = score_rows(runner, prefill, continuation, policy, swaps, f"decode {len(swaps)} swaps", progress)
     record = prefill[0]

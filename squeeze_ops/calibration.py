@@ -21,7 +21,7 @@ tuple of them and uses, per sequence, the one nearest to its budget.
 """
 import torch
 
-from .allocators import Fixed, LayerGains, SensitivityProfile, _interpolate, perturbation_knots
+from .allocators import LayerGains, SensitivityProfile, _interpolate, perturbation_knots
 from .evaluation import score_batch
 from .policies import SqueezeSettings
 
@@ -62,16 +62,13 @@ def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS,
         full = len(prompt) + gen
         targets = continuation[None].to(runner.device)
 
-        def fixed(budgets):
-            return SqueezeSettings(base_tokens=1, allocator=Fixed(tuple(budgets)))
-
         def nll_of(settings):
             _, nll, _ = score_batch(runner, (record, first), targets, policy, settings, "", lambda *_: None)
             return nll.double().mean(1)
 
         # The operating point as the uniform allocation gives it: floor(context * T) per layer.
         others = full if context == 1 else max(1, int(context * len(prompt)))
-        reference = nll_of([None if context == 1 else fixed([others] * num_layers)])[0]
+        reference = nll_of([None if context == 1 else SqueezeSettings.fixed([others] * num_layers)])[0]
         for start in range(0, len(cells), batch):
             chunk = cells[start : start + batch]
             if progress is not None:
@@ -81,7 +78,7 @@ def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS,
             for j, layer in chunk:
                 budgets = [others] * num_layers
                 budgets[layer] = max(1, round(fractions[j] * len(prompt)))
-                settings.append(fixed(budgets))
+                settings.append(SqueezeSettings.fixed(budgets))
             for (j, layer), nll in zip(chunk, nll_of(settings)):
                 totals[j, layer] += nll - reference
     values = totals / len(windows)

@@ -11,7 +11,7 @@
 """
 from dataclasses import dataclass
 
-from .allocators import Squeeze, Uniform
+from .allocators import Fixed, Squeeze, Uniform
 
 POLICY_KINDS = ("window", "streaming", "h2o")
 
@@ -116,6 +116,12 @@ class SqueezeSettings:
     def uniform(cls, b_init=None, base_tokens=None, clamp=False):
         """The baseline: every layer gets the same budget (p = 1)."""
         return cls(b_init=b_init, base_tokens=base_tokens, p=1.0, clamp=clamp)
+
+    @classmethod
+    def fixed(cls, budgets):
+        """Explicit per-layer budgets in tokens (allocators.Fixed; the base budget, which Fixed
+        ignores, is set to 1): for measuring sensitivities and replaying a schedule."""
+        return cls(base_tokens=1, allocator=Fixed(tuple(int(b) for b in budgets)))
 
     @property
     def strategy(self):

@@ -4,6 +4,7 @@ through the ops."""
 import pytest
 import torch
 
+from squeeze_ops.allocators import Fixed
 from squeeze_ops.cache import PrefillRecord, SqueezeKVCache
 from squeeze_ops.planner import plan_budgets
 from squeeze_ops.policies import SequencePolicy, SqueezeSettings
@@ -26,6 +27,8 @@ def test_settings_are_plain_data():
     assert SqueezeSettings.uniform(b_init=0.2) == SqueezeSettings(b_init=0.2, p=1.0)
     assert SqueezeSettings.uniform(base_tokens=64).is_uniform
     assert not SqueezeSettings(b_init=0.2, p=0.5).is_uniform
+    assert SqueezeSettings.fixed(torch.tensor([3, 4])) == SqueezeSettings(base_tokens=1, allocator=Fixed((3, 4)))
+    assert len({SqueezeSettings.fixed([3, 4]), SqueezeSettings.fixed((3, 4))}) == 1  # hashable, one key
     with pytest.raises(ValueError, match="exactly one"):
         SqueezeSettings()
     with pytest.raises(ValueError, match="exactly one"):

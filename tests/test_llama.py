@@ -8,7 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from squeeze_ops.allocators import KNOTS, Coverage, Fixed, Perturbation  # noqa: E402
+from squeeze_ops.allocators import KNOTS, Coverage, Perturbation  # noqa: E402
 from squeeze_ops.cache import SqueezeKVCache  # noqa: E402
 from squeeze_ops.calibration import fit_gains, measure_profile  # noqa: E402
 from squeeze_ops.llama import LlamaRunner  # noqa: E402
@@ -156,8 +156,7 @@ def test_measure_profile_is_the_nll_change_of_one_layer(tiny, context):
     others = full if context == 1 else int(context * n)
 
     def nll(budgets):
-        cache = SqueezeKVCache.build(record, policy, SqueezeSettings(base_tokens=1, allocator=Fixed(tuple(budgets))),
-                                     len(continuation))
+        cache = SqueezeKVCache.build(record, policy, SqueezeSettings.fixed(budgets), len(continuation))
         return runner.score(cache, first, continuation[None])[0].double().mean().item()
 
     reference = nll([others] * runner.num_layers)
