@@ -4,7 +4,8 @@ library's ops, parameters tuned on Botchan, reported on held-out Python document
     python -m bench.allocators [--prompt-len 512] [--gen-len 32] [--calib-windows 3]
                                [--context-windows 8] [--tune-windows 10] [--test-windows 10]
                                [--test-shift 0.25 -0.25] [--test-gen-len G] [--test-policies ...]
-                               [--test-fractions ...] [--name allocators] [--recalibrate]
+                               [--test-fractions ...] [--test-families ...] [--name allocators]
+                               [--recalibrate]
 
 1. Calibration (Botchan, first third of the book): the sensitivity profiles of every policy
    (squeeze_ops.calibration.measure_profile; alone, and in context at CONTEXTS for
@@ -50,6 +51,11 @@ TARGET_WIN_RATE = 0.7
 CONTEXTS = (0.1, 0.2, 0.3, 0.5)
 CONTEXT_POLICIES = ("streaming",)
 OBSERVE = 32  # prompt queries whose attention the Coverage and Perturbation allocators read
+HEAD_TOKENS = 128  # longer continuations are also reported on their first HEAD_TOKENS scored tokens
+# The held-out windows of the earlier committed runs, as (windows per shift, scored tokens, shifts), all with
+# 512-token prompts: every report states how far its own windows overlap them.
+EARLIER_TEST_WINDOWS = ((10, 32, (0.0, 0.5, 0.25, -0.25)),
+                        (10, 128, (0.125, -0.125, 0.375, -0.375, 0.4375, -0.4375, 0.3125, -0.3125)))
 
 
 def candidates(profile, in_context=None, gains=None):
@@ -132,9 +138,10 @@ def key(allocator):
 
 
 def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
-    """Teacher-forced results of one window: {"full": mean NLL, "cells": {"policy|fraction|key":
-    {nll, agree, kept}}} for the full cache and every (policy, fraction, allocator) cell; the
-    cells of one policy decode as one batch. Cells already in cache_file are not recomputed."""
+    """Teacher-forced results of one window: {"full": mean NLL, "full_head": the same over the first
+    HEAD_TOKENS scored tokens, "cells": {"policy|fraction|key": {nll, nll_head, agree, kept}}} for the
+    full cache and every (policy, fraction, allocator) cell; the cells of one policy decode as one
+    batch. Cells already in cache_file are not recomputed."""
     done = {"cells": {}}
     if os.path.exists(cache_file):
         with open(cache_file) as f:
@@ -149,28 +156,30 @@ def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
 
     def score(policy, settings, label):
         cache, nll, top1 = ev.score_batch(runner, (record, first), targets, policy, settings, label, progress)
-        return cache, nll.double().mean(1).tolist(), top1
+        return cache, nll.double().mean(1).tolist(), nll[:, :HEAD_TOKENS].double().mean(1).tolist(), top1
 
-    _, (full_nll,), full_top1 = score(ev.POLICIES["window"], [None], "decode full cache")
-    done["full"] = full_nll
+    _, (full_nll,), (full_head,), full_top1 = score(ev.POLICIES["window"], [None], "decode full cache")
+    done["full"], done["full_head"] = full_nll, full_head
     for pol in dict.fromkeys(c[0] for c in todo):
         mine = [c for c in todo if c[0] == pol]
         settings = [SqueezeSettings(b_init=frac, allocator=alloc) for _, frac, alloc in mine]
-        cache, nll, top1 = score(ev.POLICIES[pol], settings, f"decode {pol} x{len(mine)}")
+        cache, nll, head, top1 = score(ev.POLICIES[pol], settings, f"decode {pol} x{len(mine)}")
         held = cache.budgets.double().mean(1) / len(prompt)
         agree = (top1 == full_top1).double().mean(1)
         for i, cell in enumerate(mine):
-            done["cells"][name(*cell)] = {"nll": nll[i], "agree": agree[i].item(), "kept": held[i].item()}
+            done["cells"][name(*cell)] = {"nll": nll[i], "nll_head": head[i], "agree": agree[i].item(),
+                                          "kept": held[i].item()}
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     with open(cache_file, "w") as f:
         json.dump(done, f)
     return done
 
 
-def paired(results, pol, frac, alloc, baseline=Uniform()):
-    """Per-window NLL differences of a cell vs the baseline at the same policy and budget."""
-    a = [r["cells"][f"{pol}|{frac:g}|{key(alloc)}"]["nll"] for r in results]
-    b = [r["cells"][f"{pol}|{frac:g}|{key(baseline)}"]["nll"] for r in results]
+def paired(results, pol, frac, alloc, baseline=Uniform(), field="nll"):
+    """Per-window NLL differences of a cell vs the baseline at the same policy and budget (field
+    "nll_head": over the first HEAD_TOKENS scored tokens only)."""
+    a = [r["cells"][f"{pol}|{frac:g}|{key(alloc)}"][field] for r in results]
+    b = [r["cells"][f"{pol}|{frac:g}|{key(baseline)}"][field] for r in results]
     return [x - y for x, y in zip(a, b)]
 
 
@@ -188,14 +197,34 @@ def cell_stats(results, pol, frac, alloc):
     return (mean_se(dnll), sum(c["agree"] for c in cells) / len(cells), sum(c["kept"] for c in cells) / len(cells))
 
 
-def shifted_windows(ids, prompt_len, gen_len, count, shift):
-    """evaluation.windows with the i-th window at (i + 1/2 + shift) / count of the usable range
-    (shift in [-1/2, 1/2]; 0 gives evaluation.windows)."""
+def window_starts(total, prompt_len, gen_len, count, shift):
+    """First tokens of the windows of evaluation.windows with the i-th window at
+    (i + 1/2 + shift) / count of the usable range (shift in [-1/2, 1/2]; 0 gives evaluation.windows)."""
     if not -0.5 <= shift <= 0.5:
         raise ValueError(f"shift: expected a value in [-0.5, 0.5], got {shift}")
-    usable = len(ids) - prompt_len - gen_len
-    starts = [int((i + 0.5 + shift) * usable / count) for i in range(count)]
-    return [(ids[at : at + prompt_len], ids[at + prompt_len : at + prompt_len + gen_len]) for at in starts]
+    usable = total - prompt_len - gen_len
+    return [int((i + 0.5 + shift) * usable / count) for i in range(count)]
+
+
+def shifted_windows(ids, prompt_len, gen_len, count, shift):
+    """(prompt, continuation) pairs of the windows starting at window_starts."""
+    return [(ids[at : at + prompt_len], ids[at + prompt_len : at + prompt_len + gen_len])
+            for at in window_starts(len(ids), prompt_len, gen_len, count, shift)]
+
+
+def overlap(total, prompt_len, runs, earlier):
+    """(most tokens, most scored tokens) a window of `runs` shares with a window of `earlier` (whole
+    windows; continuations only). runs, earlier: (windows per shift, scored tokens, shifts) each."""
+    def spans(specs):
+        return [(at, at + prompt_len, at + prompt_len + gen) for count, gen, shifts in specs for shift in shifts
+                for at in window_starts(total, prompt_len, gen, count, shift)]
+    theirs = spans(earlier)
+    tokens = scored = 0
+    for a, c, e in spans(runs):
+        for a2, c2, e2 in theirs:
+            tokens = max(tokens, min(e, e2) - max(a, a2))
+            scored = max(scored, min(e, e2) - max(c, c2))
+    return tokens, scored
 
 
 def run_windows(runner, windows, cells, tag, args, progress):
@@ -225,6 +254,9 @@ def main(argv=None):
     parser.add_argument("--test-gen-len", type=int, help="continuation tokens of the test windows (default: --gen-len)")
     parser.add_argument("--test-policies", nargs="+", choices=list(ev.POLICIES), default=list(ev.POLICIES))
     parser.add_argument("--test-fractions", type=float, nargs="+", default=list(ev.FRACTIONS))
+    parser.add_argument("--test-families", nargs="+", metavar="FAMILY",
+                        help="allocator families (the tuning's kept candidate of each) to test against uniform "
+                             "(default: every family)")
     parser.add_argument("--name", default="allocators", help="results file name (default allocators)")
     parser.add_argument("--profile-dir", default=PROFILE_DIR, help="where the profiles are kept")
     # The faithful squeeze warns on every build (wasted budget, degenerate groups): the table
@@ -246,6 +278,9 @@ def main(argv=None):
     G_test = args.test_gen_len or G
     test_sets = [(shift, shifted_windows(pydoc, P, G_test, args.test_windows, shift)) for shift in args.test_shift]
     test_windows = [w for _, wins in test_sets for w in wins]
+    shared = overlap(len(pydoc), P, [(args.test_windows, G_test, args.test_shift)], EARLIER_TEST_WINDOWS)
+    earlier_runs = "; ".join(f"{count} per shift, {gen} scored tokens, shifts {', '.join(f'{x:g}' for x in shifts)}"
+                             for count, gen, shifts in EARLIER_TEST_WINDOWS)
     policies = list(ev.POLICIES)
 
     # 1. Calibration profiles.
@@ -256,6 +291,10 @@ def main(argv=None):
     # 2. Tuning on Botchan.
     fractions = ev.FRACTIONS
     families = {pol: candidates(profiles[pol], in_context.get(pol), gains.get(pol)) for pol in policies}
+    known = {fam for pol in args.test_policies for fam in families[pol]}
+    if not set(args.test_families or ()) <= known:
+        parser.error(f"--test-families: unknown {sorted(set(args.test_families) - known)}; the families of "
+                     f"{', '.join(args.test_policies)} are {sorted(known)}")
     cells = [(pol, f, a) for pol in policies for f in fractions
              for a in [Uniform()] + [c for fam in families[pol].values() for c in fam]]
     tuned = run_windows(runner, tune_windows, cells, "tune-botchan", args, progress)
@@ -270,8 +309,10 @@ def main(argv=None):
 
     # 3. Held-out test on pydoc.
     test_policies, test_fractions = args.test_policies, tuple(args.test_fractions)
+    tested_families = {pol: {fam: a for fam, a in chosen[pol].items()
+                             if args.test_families is None or fam in args.test_families} for pol in test_policies}
     cells = [(pol, f, a) for pol in test_policies for f in test_fractions
-             for a in [Uniform()] + list(chosen[pol].values())]
+             for a in [Uniform()] + list(tested_families[pol].values())]
     tested = [r for shift, wins in test_sets
               for r in run_windows(runner, wins, cells, f"test-pydoc-shift{shift:g}", args, progress)]
     seconds = progress.elapsed()
@@ -291,11 +332,14 @@ def main(argv=None):
         + (f" --test-gen-len {G_test}" if G_test != G else "")
         + (f" --test-policies {' '.join(test_policies)}" if test_policies != list(ev.POLICIES) else "")
         + (f" --test-fractions {' '.join(f'{f:g}' for f in test_fractions)}" if test_fractions != ev.FRACTIONS else "")
+        + (" --test-families " + " ".join(f'"{fam}"' if " " in fam else fam for fam in args.test_families)
+           if args.test_families else "")
         + (f" --name {args.name}" if args.name != "allocators" else "") + "`",
         "",
         "## Protocol",
         "",
-        f"- Every window: a prompt of {P} tokens, then {G} continuation tokens teacher-forced one decode step at a "
+        f"- Every window: a prompt of {P} tokens, then {G} continuation tokens"
+        + (f" ({G_test} in the held-out windows)" if G_test != G else "") + " teacher-forced one decode step at a "
         "time through the compressed caches (prefill_attention + add_rmsnorm_cossim, planner.allocate, "
         "compress_kv_, decode_step_). Metric per window: mean NLL over the continuation; dNLL = its increase over "
         "the full cache; agreement = top-1 prediction equal to the full cache's. The first continuation token is "
@@ -325,7 +369,9 @@ def main(argv=None):
         "spread windows per shift (" + ", ".join(f"{x:g}" for x in args.test_shift) + " of their spacing), not "
         "looked at while choosing anything. `vs uniform`: mean over windows of NLL(allocator) - NLL(uniform) at the "
         "same policy and budget, ± its standard error; `wins`: windows where that difference is < 0. Windows of "
-        "different shifts (and of the shifts 0 and 0.5 that earlier runs reported on) are disjoint.",
+        f"different shifts are disjoint. Against the held-out windows of the earlier committed runs "
+        f"({earlier_runs}): {shared[0]} of a window's {P + G_test} tokens at most are also in one of theirs, and "
+        f"{shared[1]} of its scored tokens at most were scored there.",
         "",
         "## Held-out results (pydoc)",
         "",
@@ -337,7 +383,7 @@ def main(argv=None):
     best_by_cell = {}
     for pol in test_policies:
         for f in test_fractions:
-            for fam, alloc in [("uniform", Uniform())] + list(chosen[pol].items()):
+            for fam, alloc in [("uniform", Uniform())] + list(tested_families[pol].items()):
                 (d, se), agree, held = cell_stats(tested, pol, f, alloc)
                 if fam == "uniform":
                     diff, wins = "", ""
@@ -350,8 +396,11 @@ def main(argv=None):
                 lines.append(f"| {pol} | {100 * f:g}% | {alloc.describe()} | {d:+.4f} ± {se:.4f} | "
                              f"{100 * agree:.1f}% | {held:.3f} | {diff} | {wins} |")
     lines += ["", "## Targets", "", "```"]
-    lines += targets(best_by_cell, tested, chosen, test_policies)
-    lines += ["```", "", "## Tuning on Botchan", "",
+    lines += targets(best_by_cell, tested, tested_families, test_policies)
+    lines += ["```", ""]
+    if G_test > HEAD_TOKENS:
+        lines += scored_length_section(tested, best_by_cell, G_test)
+    lines += ["## Tuning on Botchan", "",
               "Mean dNLL over the tuning windows and the four budgets (kept candidate in bold); uniform: "
               + ", ".join(f"{pol} {sum(cell_stats(tuned, pol, f, Uniform())[0][0] for f in fractions) / 4:+.4f}"
                           for pol in policies) + ".", "",
@@ -374,6 +423,25 @@ def main(argv=None):
     lines.append("")
     print(save_markdown(args.name, "\n".join(lines)))
     return 0
+
+
+def scored_length_section(tested, best_by_cell, gen):
+    """The held-out comparison of every tested allocator on the first HEAD_TOKENS scored tokens of each
+    window next to all `gen` (text lines)."""
+    out = ["## Scored length", "",
+           f"The same windows and caches, the NLL averaged over the first {HEAD_TOKENS} scored tokens only "
+           f"(the length scored in earlier runs) and over all {gen}:", "",
+           f"| policy | budget | allocator | vs uniform, first {HEAD_TOKENS} | wins | vs uniform, all {gen} | wins |",
+           "|---|---|---|---|---|---|---|"]
+    for (pol, f), rows in best_by_cell.items():
+        for _, alloc, *_ in rows:
+            cols = []
+            for field in ("nll_head", "nll"):
+                diffs = paired(tested, pol, f, alloc, field=field)
+                m, se = mean_se(diffs)
+                cols.append(f"{m:+.4f} ± {se:.4f} | {sum(x < 0 for x in diffs)}/{len(diffs)}")
+            out.append(f"| {pol} | {100 * f:g}% | {alloc.describe()} | {' | '.join(cols)} |")
+    return out + [""]
 
 
 def targets(best_by_cell, tested, chosen, policies):
