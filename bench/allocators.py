@@ -138,10 +138,10 @@ def key(allocator):
 
 
 def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
-    """Teacher-forced results of one window: {"full": mean NLL, "full_head": the same over the first
-    HEAD_TOKENS scored tokens, "cells": {"policy|fraction|key": {nll, nll_head, agree, kept}}} for the
-    full cache and every (policy, fraction, allocator) cell; the cells of one policy decode as one
-    batch. Cells already in cache_file are not recomputed."""
+    """Teacher-forced results of one window: {"full": mean NLL, "cells": {"policy|fraction|key":
+    {nll, nll_head (over the first HEAD_TOKENS scored tokens), agree, kept}}} for the full cache and
+    every (policy, fraction, allocator) cell; the cells of one policy decode as one batch. Cells
+    already in cache_file are not recomputed."""
     done = {"cells": {}}
     if os.path.exists(cache_file):
         with open(cache_file) as f:
@@ -158,8 +158,8 @@ def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
         cache, nll, top1 = ev.score_batch(runner, (record, first), targets, policy, settings, label, progress)
         return cache, nll.double().mean(1).tolist(), nll[:, :HEAD_TOKENS].double().mean(1).tolist(), top1
 
-    _, (full_nll,), (full_head,), full_top1 = score(ev.POLICIES["window"], [None], "decode full cache")
-    done["full"], done["full_head"] = full_nll, full_head
+    _, (full_nll,), _, full_top1 = score(ev.POLICIES["window"], [None], "decode full cache")
+    done["full"] = full_nll
     for pol in dict.fromkeys(c[0] for c in todo):
         mine = [c for c in todo if c[0] == pol]
         settings = [SqueezeSettings(b_init=frac, allocator=alloc) for _, frac, alloc in mine]
