@@ -9,6 +9,22 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 8):
+    # Triton 3.6's interpreter turns a runtime scalar into an index with int() on a 1-element
+    # array, which numpy 2 refuses (`range(0, n)` over a kernel argument or a loaded value);
+    # Triton 3.8 squeezes it first. The same rule here, so the oldest supported Triton runs the
+    # kernels on CPU too.
+    from triton.runtime import interpreter as _interpreter
+
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_with_squeezed_index(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _interpreter._patch_lang_tensor = _patch_with_squeezed_index
 
 import squeeze_ops  # noqa: E402,F401  (registers torch.ops.squeeze.*)
 
