@@ -43,3 +43,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M on CPU as squeeze_ops.evaluation.load_smollm2 returns it (runner, tokenizer,
+    model), loaded once per test session: the GGUF load takes ~30 s on 2 cores."""
+    from squeeze_ops import evaluation
+
+    return evaluation.load_smollm2("cpu")

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import SqueezeKVCache
+from .allocators import Continuous, Coverage, LayerGains, Perturbation, Uniform
+from .cache import SqueezeKVCache, needs_perturbation, observation_window
 from .llama import LlamaRunner
 from .policies import SequencePolicy, SqueezeSettings
 
@@ -41,6 +42,8 @@ POLICIES = {
 }
 FRACTIONS = (0.1, 0.2, 0.3, 0.5)
 SQUEEZE_P = (0.3, 0.5, 0.7)
+PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
+MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 class ModelUnavailable(RuntimeError):
@@ -164,20 +167,52 @@ def tokenize(tokenizer, text):
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def recommended_allocator(policy, fraction):
+    """The layer allocator that the held-out evaluation recommends for SmolLM2-135M-Instruct
+    under `policy` ("window" | "streaming" | "h2o") at total budget `fraction` of the prompt
+    (README "Choosing an allocator"; the nearest measured budget of 10/20/30/50% decides).
+
+    Rule, over the largest held-out evidence per cell (H2O: the 60 pooled windows of runs 4-6,
+    StreamingLLM: run 8's 40 windows scored over 512 tokens, window and the 50% budgets: run 3):
+    the allocator that beats uniform in >= 70% of the windows, the larger mean gain if several
+    do; where none does, the one of larger mean gain if that is at least two standard errors
+    below zero; else Uniform(). Other models: the families carry over, the measured choice and
+    the streaming layer gains (a per-model file) do not.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {policy!r}")
+    if not fraction > 0:
+        raise ValueError(f"fraction: expected > 0, got {fraction}")
+    budget = min(FRACTIONS, key=lambda f: abs(f - fraction))
+    if policy == "window":
+        return Coverage(gamma=0.0, floor=0.5, cap=2.0) if budget >= 0.2 else Uniform()
+    if policy == "h2o":
+        return {0.1: Continuous(gamma=1.0, floor=0.75, cap=1.5),
+                0.5: Coverage(gamma=1.0, floor=0.5, cap=2.0)}.get(budget, Perturbation(4.0, 0.5, 2.0))
+    if budget == 0.5:
+        return Uniform()
+    gains = LayerGains.load(os.path.join(PROFILE_DIR, f"{MODEL_NAME}.streaming.gains.json"))
+    return Perturbation(1.0, 0.5, 2.0, gains=gains)
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One grid cell: policy name, budget fraction b_init, allocation p (1 = uniform)."""
+    """One grid cell: policy name, budget fraction b_init, allocation p (1 = uniform), or an
+    allocator of squeeze_ops.allocators in place of the formula (then p = 1)."""
 
     policy: str
     fraction: float
-    p: float
+    p: float = 1.0
+    allocator: object = None
 
     @property
     def allocation(self):
+        if self.allocator is not None:
+            return self.allocator.describe()
         return "uniform" if self.p == 1.0 else f"squeeze p={self.p:g}"
 
     def settings(self):
-        return SqueezeSettings(b_init=self.fraction, p=self.p)
+        return SqueezeSettings(b_init=self.fraction, p=self.p, allocator=self.allocator)
 
 
 def grid(policies=tuple(POLICIES), fractions=FRACTIONS, ps=SQUEEZE_P):
@@ -211,15 +246,23 @@ def score_batch(runner, prefill, targets, policy, settings, label, progress):
     return cache, nll.cpu(), top1.cpu()
 
 
+def prefill_signals(cells):
+    """The runner.prefill keywords that record what the cells' policies and allocators read."""
+    settings = [c.settings() for c in cells]
+    perturb = tuple(dict.fromkeys(POLICIES[c.policy] for c, s in zip(cells, settings) if needs_perturbation(s)))
+    return dict(scores=any(POLICIES[c.policy].needs_scores for c in cells), observe=observation_window(settings),
+                perturb=perturb)
+
+
 def evaluate_window(runner, prompt, continuation, cells, progress=None, prefill=None):
     """Teacher-forced NLL of `continuation` after `prompt` with the full cache and with every
     cell's squeezed cache. One prefill serves all (`prefill`: the (record, logits) of an
-    earlier runner.prefill of this prompt with scores, else computed here); the cells of one
+    earlier runner.prefill of this prompt with **prefill_signals(cells), else computed here); the cells of one
     policy run as one batch (per-sequence budgets)."""
     progress = progress or (lambda *a, **k: None)
     if prefill is None:
         progress(f"prefill {len(prompt)} tokens")
-        prefill = runner.prefill([prompt], scores=any(POLICIES[c.policy].needs_scores for c in cells))
+        prefill = runner.prefill([prompt], **prefill_signals(cells))
     targets = continuation[None].to(runner.device)
 
     def run(policy, settings, label):
@@ -267,9 +310,14 @@ def summarize(results):
     return Summary(full.mean().item(), delta, se, agree, kept, len(results))
 
 
+def _formula_cells(summary):
+    """The cells of the authors' formula (uniform or squeeze p), without allocator cells."""
+    return [c for c in summary.delta if c.allocator is None]
+
+
 def quality_table(summary):
-    """Markdown: one row per (policy, budget), one column pair per allocation."""
-    cells = list(summary.delta)
+    """Markdown: one row per (policy, budget), one column pair per allocation p of the formula."""
+    cells = _formula_cells(summary)
     allocs = list(dict.fromkeys(c.p for c in cells))
     head = "| policy | budget | " + " | ".join(
         f"{'uniform' if p == 1 else f'squeeze p={p:g}'} dNLL | agree" for p in allocs) + " |"
@@ -289,6 +337,21 @@ def quality_table(summary):
     return "\n".join(lines)
 
 
+def allocator_table(summary):
+    """Markdown: each allocator cell against uniform at the same policy and budget (equal KV
+    held): dNLL of both, their difference (negative = the allocator is better), agreement."""
+    lines = ["| policy | budget | allocator | dNLL | agree | uniform dNLL | vs uniform |",
+             "|---|---|---|---|---|---|---|"]
+    for cell in summary.delta:
+        if cell.allocator is None:
+            continue
+        uniform = summary.delta[Cell(cell.policy, cell.fraction)]
+        lines.append(f"| {POLICIES[cell.policy].describe()} | {cell.fraction:g} | {cell.allocation} | "
+                     f"{summary.delta[cell]:+.3f} | {100 * summary.agree[cell]:.1f}% | {uniform:+.3f} | "
+                     f"{summary.delta[cell] - uniform:+.3f} |")
+    return "\n".join(lines)
+
+
 def profile_table(similarity, labels, budgets_by_name):
     """Markdown: per layer the similarity, its group (G1 most important) and budgets."""
     names = list(budgets_by_name)
@@ -303,7 +366,7 @@ def profile_table(similarity, labels, budgets_by_name):
 
 def claims(summary):
     """The paper's two claims, answered from the grid (text lines)."""
-    cells = list(summary.delta)
+    cells = _formula_cells(summary)
     policies = list(dict.fromkeys(c.policy for c in cells))
     fractions = list(dict.fromkeys(c.fraction for c in cells))
     ps = [p for p in dict.fromkeys(c.p for c in cells) if p != 1.0]

@@ -5,8 +5,9 @@
 SmolLM2-135M on one window of Botchan: full-attention prefill measuring each layer's
 similarity cos(x_in, x_mid), the groups of the 1-D K-Means, the budget per layer, the KV
 memory against a full cache, a greedy continuation with the full and the squeezed cache, and
-a small quality table (teacher-forced NLL increase over the full cache). Uses the GPU kernels
-when a GPU is present. The full grid is `python -m bench.quality`.
+a small quality table (teacher-forced NLL increase over the full cache), the paper's claims,
+and the allocators recommended for this model against uniform. Uses the GPU kernels when a
+GPU is present. The full grid is `python -m bench.quality`.
 """
 import argparse
 import sys
@@ -39,8 +40,11 @@ def main(argv=None):
     policy = ev.POLICIES[args.policy]
     squeeze = SqueezeSettings(b_init=args.budget, p=args.p)
     uniform = SqueezeSettings.uniform(b_init=args.budget)
+    fractions = (0.2, 0.3)
+    cells = ev.grid(fractions=fractions, ps=(args.p,)) + [
+        ev.Cell(name, f, allocator=ev.recommended_allocator(name, f)) for name in ev.POLICIES for f in fractions]
     progress(f"prefill {len(prompt)} tokens (prefill_attention + add_rmsnorm_cossim per layer)")
-    record, first = runner.prefill([prompt], scores=True)
+    record, first = runner.prefill([prompt], **ev.prefill_signals(cells))
     horizon = max(args.gen_len, args.greedy)
     caches = {name: SqueezeKVCache.build(record, policy, s, horizon, source=[0])
               for name, s in (("full", None), ("uniform", uniform), ("squeeze", squeeze))}
@@ -76,7 +80,6 @@ def main(argv=None):
     print(f"(identical for the first {same} of {args.greedy} tokens)\n")
     del caches, sq
 
-    cells = ev.grid(fractions=(0.2, 0.3), ps=(args.p,))
     result = ev.evaluate_window(runner, prompt, continuation, cells, progress, prefill=(record, first))
     summary = ev.summarize([result])
     print(f"## Quality: teacher-forced mean NLL over {len(continuation)} tokens; full cache "
@@ -84,6 +87,9 @@ def main(argv=None):
     print(ev.quality_table(summary))
     print()
     print("\n".join(ev.claims(summary)))
+    print("\n## The allocators the held-out evaluation recommends for this model (README \"Choosing an "
+          "allocator\"), same window, vs uniform at equal KV held (negative = better)")
+    print(ev.allocator_table(summary))
     print("(one window: indicative only; the full grid over several windows is `python -m bench.quality`)")
     print(f"\ntotal run time {progress.elapsed():.0f} s")
     return 0

@@ -69,6 +69,46 @@ def test_summary_and_claims_follow_the_numbers():
     assert "| h2o(recent 0.5, 0 sinks) | 0.2 | +0.200 ± 0.000 | 50.0% | +0.100 ± 0.000 | 50.0% |" in table
 
 
+@pytest.mark.parametrize("policy, fraction, family", [
+    ("window", 0.1, "Uniform"), ("window", 0.2, "Coverage"), ("window", 0.5, "Coverage"),
+    ("h2o", 0.1, "Continuous"), ("h2o", 0.2, "Perturbation"), ("h2o", 0.3, "Perturbation"), ("h2o", 0.5, "Coverage"),
+    ("streaming", 0.1, "Perturbation"), ("streaming", 0.3, "Perturbation"), ("streaming", 0.5, "Uniform"),
+    ("h2o", 0.14, "Continuous"), ("h2o", 0.16, "Perturbation"), ("streaming", 0.9, "Uniform")])
+def test_recommended_allocator_follows_the_measured_table(policy, fraction, family):
+    allocator = ev.recommended_allocator(policy, fraction)
+    assert type(allocator).__name__ == family
+    if family == "Perturbation":  # streaming's reads the model's layer gains, h2o's does not
+        assert (allocator.gains is not None) == (policy == "streaming")
+        if allocator.gains is not None:
+            assert allocator.gains.model == ev.MODEL_NAME and allocator.gains.num_layers == 30
+            assert allocator.gains.policy == ev.POLICIES["streaming"].describe()
+
+
+def test_recommended_allocator_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="policy"):
+        ev.recommended_allocator("snapkv", 0.2)
+    with pytest.raises(ValueError, match="fraction"):
+        ev.recommended_allocator("h2o", 0.0)
+
+
+def test_allocator_cells_stay_out_of_the_formula_table_and_get_their_own():
+    cells = ev.grid(policies=("h2o", "streaming"), fractions=(0.2,), ps=(0.5,))
+    recommended = [ev.Cell(pol, 0.2, allocator=ev.recommended_allocator(pol, 0.2)) for pol in ("h2o", "streaming")]
+    signals = ev.prefill_signals(cells + recommended)
+    assert signals == dict(scores=True, observe=32, perturb=(ev.POLICIES["h2o"], ev.POLICIES["streaming"]))
+    assert ev.prefill_signals(cells) == dict(scores=True, observe=0, perturb=())
+    deltas = {c: 0.2 if c.p == 1.0 else 0.4 for c in cells}
+    deltas.update({recommended[0]: 0.15, recommended[1]: 0.25})
+    summary = ev.summarize([_result(deltas)])
+    assert "perturbation" not in ev.quality_table(summary) and "perturbation" not in "\n".join(ev.claims(summary))
+    table = ev.allocator_table(summary).splitlines()
+    assert len(table) == 4
+    assert table[2] == "| h2o(recent 0.5, 0 sinks) | 0.2 | perturbation power=4 floor=0.5 cap=2 | +0.150 | 50.0% | " \
+                       "+0.200 | -0.050 |"
+    assert table[3].startswith("| streaming(4 sinks) | 0.2 | perturbation power=1 floor=0.5 cap=2 gained | +0.250 |")
+    assert table[3].endswith("| +0.200 | +0.050 |")
+
+
 def test_a_missing_model_is_said_loudly(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

