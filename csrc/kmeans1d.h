@@ -7,7 +7,8 @@
 //     so equal values always land in the same group.
 //  2. Prefix sums over the items, in float64, of the count W, of w*v and of w*v^2, where
 //     v = u - u_0 (the shift keeps sum-of-squares cancellation small for similarities near 1).
-//     The sums are taken serially in item order on both CPU and GPU, so both see the same bits.
+//     Every sum is taken serially in position order on both CPU and GPU, so both see the same
+//     bits.
 //  3. D[c][j] = least within-group sum of squares of the first j items in c groups,
 //     D[c][j] = min_{c-1 <= i < j} D[c-1][i] + cost(i, j); optimal 1-D clusters are
 //     contiguous in sorted order, so this is the global optimum (O(k m^2)).
@@ -65,32 +66,42 @@ struct Prefix {
   double* inv;     // inv[w] = 1 / w for w in [1, n] (inv[0] = 0): a multiply instead of a division
 };
 
-// From the n keys in ascending order: the prefix sums of the distinct values, the item index of
-// every sorted position (item[r]), and the shift. Returns m, the number of distinct values.
-// Running sums stay in registers (one serial pass; on the GPU one thread runs it).
-SQZ_HD int build_prefix(const uint32_t* sorted, int n, Prefix P, int16_t* item, double* shift) {
-  const double base = static_cast<double>(key_value(sorted[0]));
-  int32_t count = 0;
-  double sum = 0.0, sumsq = 0.0;
-  int m = 0;
+// The prefix sums are one serial pass over the sorted positions, in this order: Running holds
+// the pass's state after some position r (sums of positions [0, r], centred on the row's least
+// value), emit() writes what the pass writes at r. The CPU runs the pass once (O(n)); on the GPU
+// each thread runs it up to its own positions (O(n^2) additions, O(n) deep, no shared-memory
+// round trip per step), so both hold the same bits.
+struct Running {
+  double shift, sum = 0.0, sumsq = 0.0;
+  int before = 0;  // distinct values before the last position added
+
+  SQZ_HD explicit Running(const uint32_t* sorted) : shift(static_cast<double>(key_value(sorted[0]))) {}
+
+  SQZ_HD void add(const uint32_t* sorted, int q) {
+    const double v = static_cast<double>(key_value(sorted[q])) - shift;
+    sum += v;
+    sumsq += v * v;
+    before += q > 0 && sorted[q] != sorted[q - 1];
+  }
+
+  // item[r]; at the last position of a value, its prefix entry (count, S, Q); at the last
+  // position of the row, m. Entry 0 is prefix_origin's.
+  SQZ_HD void emit(const uint32_t* sorted, int n, int r, Prefix P, int16_t* item, int* m) const {
+    item[r] = static_cast<int16_t>(before);
+    if (r + 1 < n && sorted[r + 1] == sorted[r]) return;
+    P.count[before + 1] = r + 1;
+    P.sum[before + 1] = sum;
+    P.sumsq[before + 1] = sumsq;
+    if (r + 1 == n) *m = before + 1;
+  }
+};
+
+// Entry 0 of the prefix sums (nothing summed); returns the shift, the row's least value.
+SQZ_HD double prefix_origin(const uint32_t* sorted, Prefix P) {
   P.count[0] = 0;
   P.sum[0] = 0.0;
   P.sumsq[0] = 0.0;
-  for (int r = 0; r < n; ++r) {
-    const double v = static_cast<double>(key_value(sorted[r])) - base;
-    count += 1;
-    sum += v;
-    sumsq += v * v;
-    item[r] = static_cast<int16_t>(m);
-    if (r + 1 == n || sorted[r + 1] != sorted[r]) {
-      ++m;
-      P.count[m] = count;
-      P.sum[m] = sum;
-      P.sumsq[m] = sumsq;
-    }
-  }
-  *shift = base;
-  return m;
+  return static_cast<double>(key_value(sorted[0]));
 }
 
 // Within-group sum of squares of items [i, j): Q - S^2 / W.
@@ -100,8 +111,9 @@ SQZ_HD double cluster_cost(const Prefix& P, int i, int j) {
 }
 
 // Range of item counts j for which D[c][j] is needed when kk groups are used in all:
-// at least c items for c groups, and at least kk - c items left for the later groups.
-SQZ_HD int dp_first(int c) { return c; }
+// at least c items for c groups, and at least kk - c items left for the later groups. The last
+// level needs one cell, D[kk][m] (the whole row): the backtrack starts there.
+SQZ_HD int dp_first(int c, int kk, int m) { return c == kk ? m : c; }
 SQZ_HD int dp_last(int c, int kk, int m) { return m - (kk - c); }
 
 // Order of the DP's candidates (cost, split): lower cost first, then the smaller split. Every

@@ -1,6 +1,9 @@
 """kmeans1d: exact optimal 1-D K-Means, C++ CPU kernel (and CUDA kernel) vs reference and
 brute force; ties, fewer distinct values than k, bad inputs."""
 import itertools
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -173,3 +176,18 @@ def test_cuda_bad_inputs_raise():
         kmeans(torch.randn(2, 8, device="cuda"), 9)
     with pytest.raises(RuntimeError, match="x"):
         kmeans(torch.randn(2, 300, device="cuda"), 3)
+
+
+def test_gpu_work_division_gives_the_serial_answer(tmp_path):
+    """The CUDA kernel's division of the prefix sums among threads and of a DP cell's scan among
+    lanes (merged as its shuffles do), run on the host: bit for bit the CPU kernel's serial
+    answer, for every thread count and lane width it can use (tests/cpp/kmeans1d_partitions.cpp)."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = str(tmp_path / "kmeans1d_partitions")
+    subprocess.run([compiler, "-O2", "-std=c++20", "-ffp-contract=off", "-I", os.path.join(root, "csrc"),
+                    os.path.join(root, "tests", "cpp", "kmeans1d_partitions.cpp"), "-o", exe], check=True)
+    run = subprocess.run([exe], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "0 mismatches", run.stdout + run.stderr

@@ -50,14 +50,19 @@ int cluster_row(const float* x, int n, int k, int32_t* labels, float* centroids,
   std::sort(ws.sorted.begin(), ws.sorted.end());
 
   Prefix P{ws.count.data(), ws.sum.data(), ws.sumsq.data(), ws.inv.data()};
-  double shift;
-  const int m = build_prefix(ws.sorted.data(), n, P, ws.item.data(), &shift);
+  const double shift = prefix_origin(ws.sorted.data(), P);
+  int m = 0;
+  Running run(ws.sorted.data());
+  for (int r = 0; r < n; ++r) {
+    run.add(ws.sorted.data(), r);
+    run.emit(ws.sorted.data(), n, r, P, ws.item.data(), &m);
+  }
   const int kk = std::min(k, m);
   const int stride = n + 1;
 
-  for (int j = dp_first(1); j <= dp_last(1, kk, m); ++j) ws.prev[j] = cluster_cost(P, 0, j);
+  for (int j = dp_first(1, kk, m); j <= dp_last(1, kk, m); ++j) ws.prev[j] = cluster_cost(P, 0, j);
   for (int c = 2; c <= kk; ++c) {
-    for (int j = dp_first(c); j <= dp_last(c, kk, m); ++j) {
+    for (int j = dp_first(c, kk, m); j <= dp_last(c, kk, m); ++j) {
       double best = INFINITY;
       int best_i = j;
       dp_scan(P, ws.prev.data(), c - 1, 1, j, &best, &best_i);
