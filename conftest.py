@@ -11,20 +11,37 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 import triton  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1" and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 8):
-    # Triton 3.6's interpreter turns a runtime scalar into an index with int() on a 1-element
-    # array, which numpy 2 refuses (`range(0, n)` over a kernel argument or a loaded value);
-    # Triton 3.8 squeezes it first. The same rule here, so the oldest supported Triton runs the
-    # kernels on CPU too.
+# Two bugs of Triton's interpreter (not of its compiler) mended where they occur, so every
+# supported Triton runs the kernels on CPU tensors.
+TRITON_VERSION = tuple(map(int, triton.__version__.split(".")[:2]))
+if os.environ.get("TRITON_INTERPRET") == "1":
     from triton.runtime import interpreter as _interpreter
 
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
+    if TRITON_VERSION < (3, 8):
+        # Triton 3.6 turns a runtime scalar into an index with int() on a 1-element array, which
+        # numpy 2 refuses (`range(0, n)` over a kernel argument or a loaded value); Triton 3.8
+        # squeezes it first.
+        _patch_lang_tensor = _interpreter._patch_lang_tensor
 
-    def _patch_with_squeezed_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+        def _patch_with_squeezed_index(tensor, scope):
+            _patch_lang_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
 
-    _interpreter._patch_lang_tensor = _patch_with_squeezed_index
+        _interpreter._patch_lang_tensor = _patch_with_squeezed_index
+
+    if TRITON_VERSION >= (3, 9):
+        # Triton 3.9 computes `block_mask & scalar_mask` in int32 and hands the int32 data to a
+        # masked load or store, whose C++ side accepts only bool; the compiled kernel tests the
+        # mask for nonzero, and so does this.
+        _Builder = _interpreter.InterpreterBuilder
+        _masked_load, _masked_store = _Builder.create_masked_load, _Builder.create_masked_store
+
+        def _as_bool(mask):
+            return mask if mask.data.dtype == bool else _interpreter.TensorHandle(mask.data != 0, mask.dtype)
+
+        _Builder.create_masked_load = lambda self, ptrs, mask, *rest: _masked_load(self, ptrs, _as_bool(mask), *rest)
+        _Builder.create_masked_store = lambda self, ptrs, value, mask, *rest: _masked_store(
+            self, ptrs, value, _as_bool(mask), *rest)
 
 import squeeze_ops  # noqa: E402,F401  (registers torch.ops.squeeze.*)
 

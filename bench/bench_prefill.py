@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import squeeze_ops
 from bench.common import copy_bandwidth, environment, time_us, write_table
 from squeeze_ops import reference
+from squeeze_ops.triton_kernels import prefill_attention as triton_prefill
 
 
 def packed(lengths, H, Hkv, D, dtype, device):
@@ -166,6 +167,12 @@ def attention_rows(lengths, label, H, Hkv, D, dtype, device, bandwidth):
                                              else lambda: sdpa_causal(q, k, v, cu, scale)),
         "eager + h2o scores": lambda: eager_with_scores(q, k, v, cu, scale),
     }
+    if cuda and triton_prefill.block_pointers():
+        # The key-tile addressing Triton 3.9 and later take (pointer tensors), timed beside the
+        # block-pointer kernel that the op runs on this Triton.
+        tiles = triton_prefill.tiles(device, D)
+        providers["squeeze, pointer-tensor tiles"] = lambda: triton_prefill.launch(
+            q, k, v, cu, n_max, scale, -1, *tiles, use_block_pointers=False)
     # The eager path holds the fp32 logits and probabilities of the longest sequence (and a
     # bf16 copy): past the free memory it is reported, not run.
     eager_bytes = 10 * H * n_max * n_max

@@ -116,20 +116,36 @@ def poisoned_meta(monkeypatch):
     monkeypatch.setattr(triton_prefill._meta, "prefill_attention", poisoned)
 
 
+# Key-tile addressings this Triton can run: block pointers (before 3.9) and pointer tensors.
+ADDRESSINGS = [True, False] if triton_prefill.block_pointers() else [False]
+
+
+@pytest.mark.parametrize("block_pointers", ADDRESSINGS, ids=lambda b: "block_ptr" if b else "pointers")
 @pytest.mark.parametrize("lengths,H,Hkv,D,dtype,score_window", TRITON_CASES)
-def test_triton_launcher_matches_reference(monkeypatch, lengths, H, Hkv, D, dtype, score_window):
+def test_triton_launcher_matches_reference(monkeypatch, lengths, H, Hkv, D, dtype, score_window, block_pointers):
     poisoned_meta(monkeypatch)
     q, k, v, cu = packed_batch(lengths, H, Hkv, D, dtype, TRITON_DEVICE, fused=True)
-    got = triton_prefill.prefill_attention(q, k, v, cu, max(lengths), D**-0.5, score_window)
+    got = triton_prefill.launch(q, k, v, cu, max(lengths), D**-0.5, score_window,
+                                *triton_prefill.tiles(q.device, D), use_block_pointers=block_pointers)
     assert_matches_reference(got, q, k, v, cu, D**-0.5, score_window)
 
 
-def test_triton_launcher_with_gpu_tiles(monkeypatch):
+def test_triton_launcher_default_addressing(monkeypatch):
+    # What the op runs: the launcher's own choice for this Triton.
+    poisoned_meta(monkeypatch)
+    q, k, v, cu = packed_batch([40, 0, 17], 3, 1, 64, torch.float32, TRITON_DEVICE, fused=True)
+    got = triton_prefill.prefill_attention(q, k, v, cu, 40, 0.125, 0)
+    assert_matches_reference(got, q, k, v, cu, 0.125, 0)
+
+
+@pytest.mark.parametrize("block_pointers", ADDRESSINGS, ids=lambda b: "block_ptr" if b else "pointers")
+def test_triton_launcher_with_gpu_tiles(monkeypatch, block_pointers):
     # The tile sizes the GPU runs (128-query tiles), crossed by a ragged batch.
     poisoned_meta(monkeypatch)
     q, k, v, cu = packed_batch([150, 70], 4, 1, 128, torch.float16, TRITON_DEVICE)
     attention_tiles, score_tiles = triton_prefill.tiles("cuda", 128)
-    got = triton_prefill.launch(q, k, v, cu, 150, 0.09, 0, attention_tiles, score_tiles)
+    got = triton_prefill.launch(q, k, v, cu, 150, 0.09, 0, attention_tiles, score_tiles,
+                                use_block_pointers=block_pointers)
     assert_matches_reference(got, q, k, v, cu, 0.09, 0)
 
 

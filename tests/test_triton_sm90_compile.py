@@ -97,14 +97,18 @@ def prefill_attention():
 
     # q/k/v [T, heads, D] with D contiguous: every stride is a multiple of D (>= 16).
     strides = ("sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "so_t", "so_h")
+    # Both key-tile addressings where this Triton has block pointers (before 3.9).
+    addressings = [True, False] if pa.block_pointers() else [False]
     for kv, D, H, Hkv in [("bf16", 128, 32, 8), ("bf16", 128, 64, 8), ("bf16", 64, 32, 32),
                           ("fp16", 128, 32, 32), ("fp16", 64, 32, 8), ("fp32", 64, 6, 2)]:
         attention, scores = pa.tiles("cuda", D)
         precision = "ieee" if kv == "fp32" else "tf32"
-        compile_for_sm90(pa._attention_kernel, dict(Q=kv, K=kv, V=kv, CU="i32", Out=kv, Lse="fp32"), dict(
-            H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=attention.block_m, BLOCK_N=attention.block_n,
-            DOT_PRECISION=precision),
-            floats=("qk_scale",), aligned=strides, num_warps=attention.num_warps, num_stages=attention.num_stages)
+        for block_pointers in addressings:
+            compile_for_sm90(pa._attention_kernel, dict(Q=kv, K=kv, V=kv, CU="i32", Out=kv, Lse="fp32"), dict(
+                H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=attention.block_m, BLOCK_N=attention.block_n,
+                DOT_PRECISION=precision, BLOCK_POINTERS=block_pointers),
+                floats=("qk_scale",), aligned=strides, num_warps=attention.num_warps,
+                num_stages=attention.num_stages)
         compile_for_sm90(pa._column_scores_kernel, dict(Q=kv, K=kv, CU="i32", Lse="fp32", Scores="fp32"), dict(
             H=H, HKV=Hkv, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=scores.block_m, BLOCK_N=scores.block_n,
             DOT_PRECISION=precision),

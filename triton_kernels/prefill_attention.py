@@ -43,27 +43,41 @@ def sequence_bounds(CU, b, T_total):
 @triton.jit
 def _attend_key_blocks(acc, l_i, m_i, q, K, V, sk_t, sv_t, rows, lo, hi, seq_len, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DIAGONAL: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, BLOCK_POINTERS: tl.constexpr):
     """Online-softmax update of one query block with the keys [lo, hi) (K, V point at the
     sequence's first token). DIAGONAL blocks mask the keys after each query and past the end of
-    the sequence; the others need no mask. Block pointers keep the tile addresses out of
-    registers (pointer tensors would cost two registers per element and spill)."""
-    K_blocks = tl.make_block_ptr(K, shape=(HEAD_DIM, seq_len), strides=(1, sk_t), offsets=(0, lo),
-                                 block_shape=(HEAD_DIM, BLOCK_N), order=(0, 1))
-    V_blocks = tl.make_block_ptr(V, shape=(seq_len, HEAD_DIM), strides=(sv_t, 1), offsets=(lo, 0),
-                                 block_shape=(BLOCK_N, HEAD_DIM), order=(1, 0))
+    the sequence; the others need no mask. The tiles are addressed by block pointers
+    (BLOCK_POINTERS, the timed kernel) or, on a Triton without them, by pointer tensors (see
+    block_pointers())."""
+    if BLOCK_POINTERS:
+        K_blocks = tl.make_block_ptr(K, shape=(HEAD_DIM, seq_len), strides=(1, sk_t), offsets=(0, lo),
+                                     block_shape=(HEAD_DIM, BLOCK_N), order=(0, 1))
+        V_blocks = tl.make_block_ptr(V, shape=(seq_len, HEAD_DIM), strides=(sv_t, 1), offsets=(lo, 0),
+                                     block_shape=(BLOCK_N, HEAD_DIM), order=(1, 0))
+    dims = tl.arange(0, HEAD_DIM)
     for n0 in range(lo, hi, BLOCK_N):
-        if DIAGONAL:
-            kt = tl.load(K_blocks, boundary_check=(1,), padding_option="zero")
-            v = tl.load(V_blocks, boundary_check=(0,), padding_option="zero")
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if BLOCK_POINTERS:
+            if DIAGONAL:
+                kt = tl.load(K_blocks, boundary_check=(1,), padding_option="zero")
+                v = tl.load(V_blocks, boundary_check=(0,), padding_option="zero")
+            else:
+                kt = tl.load(K_blocks)
+                v = tl.load(V_blocks)
+            K_blocks = tl.advance(K_blocks, (0, BLOCK_N))
+            V_blocks = tl.advance(V_blocks, (BLOCK_N, 0))
         else:
-            kt = tl.load(K_blocks)
-            v = tl.load(V_blocks)
-        K_blocks = tl.advance(K_blocks, (0, BLOCK_N))
-        V_blocks = tl.advance(V_blocks, (BLOCK_N, 0))
+            k_offsets = cols.to(tl.int64)[None, :] * sk_t + dims[:, None]
+            v_offsets = cols.to(tl.int64)[:, None] * sv_t + dims[None, :]
+            if DIAGONAL:
+                in_seq = cols < seq_len
+                kt = tl.load(K + k_offsets, mask=in_seq[None, :], other=0.0)
+                v = tl.load(V + v_offsets, mask=in_seq[:, None], other=0.0)
+            else:
+                kt = tl.load(K + k_offsets)
+                v = tl.load(V + v_offsets)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
         if DIAGONAL:
-            cols = n0 + tl.arange(0, BLOCK_N)
             s = tl.where(rows[:, None] >= cols[None, :], s, float("-inf"))
         # Every query sees key 0 in the first block it visits, so m_new is finite from there on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -80,7 +94,8 @@ def _attend_key_blocks(acc, l_i, m_i, q, K, V, sk_t, sv_t, rows, lo, hi, seq_len
 def _attention_kernel(Q, K, V, CU, Out, Lse, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
                       T_total, qk_scale,
                       H: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      BLOCK_POINTERS: tl.constexpr):
     # The last query blocks of a sequence see the most keys: launch them first.
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b = tl.program_id(1)
@@ -101,10 +116,10 @@ def _attention_kernel(Q, K, V, CU, Out, Lse, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
     # Key blocks that end before this query block's first row need no mask.
     diagonal = (m0 // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, K_seq, V_seq, sk_t, sv_t, rows, 0, diagonal,
-                                       seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+                                       seq_len, qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION, BLOCK_POINTERS)
     acc, l_i, m_i = _attend_key_blocks(acc, l_i, m_i, q, K_seq, V_seq, sk_t, sv_t, rows, diagonal,
                                        tl.minimum(m0 + BLOCK_M, seq_len), seq_len, qk_scale, HEAD_DIM, BLOCK_N, True,
-                                       DOT_PRECISION)
+                                       DOT_PRECISION, BLOCK_POINTERS)
 
     out = acc / l_i[:, None]
     tl.store(Out + (start + rows)[:, None] * so_t + h * so_h + dims[None, :], out.to(Out.dtype.element_ty),
@@ -165,6 +180,15 @@ def _column_scores_kernel(Q, K, CU, Lse, Scores, sq_t, sq_h, sk_t, sk_h, T_total
     tl.store(Scores + (start + cols) * HKV + g, acc, mask=col_ok)
 
 
+def block_pointers():
+    """Whether this Triton has block pointers (tl.make_block_ptr: removed in 3.9). The key/value
+    tiles are loaded through them where it does: that path was timed on the H200 (Triton 3.6).
+    The pointer-tensor path that Triton 3.9 and later take is tested on CPU under every Triton
+    and compiles for sm_90 without register spills at bf16 (214 registers at D 128, Triton 3.9),
+    but has not been timed on a GPU: bench_prefill times it beside the block-pointer kernel."""
+    return tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9)
+
+
 def tiles(device, head_dim):
     """(attention tiles, column-score tiles) for a device and head dim.
 
@@ -210,8 +234,10 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
     return launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, *tiles(q.device, q.shape[-1]))
 
 
-def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles, score_tiles):
-    """prefill_attention with explicit tiles (tests use it to run the GPU tiles anywhere)."""
+def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles, score_tiles,
+           use_block_pointers=None):
+    """prefill_attention with explicit tiles (tests use it to run the GPU tiles anywhere) and,
+    for tests, the key-tile addressing (None: block_pointers())."""
     out, lse, scores = _meta.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window)
     T, H, D = q.shape
     Hkv = k.shape[1]
@@ -228,8 +254,9 @@ def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles
     _attention_kernel[(triton.cdiv(max_seqlen, a.block_m), B, H)](
         q, k, v, cu_seqlens, out, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), T, qk_scale,
-        H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=a.block_m, BLOCK_N=a.block_n,
-        DOT_PRECISION=precision, num_warps=a.num_warps, num_stages=a.num_stages)
+        H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=a.block_m, BLOCK_N=a.block_n, DOT_PRECISION=precision,
+        BLOCK_POINTERS=block_pointers() if use_block_pointers is None else use_block_pointers,
+        num_warps=a.num_warps, num_stages=a.num_stages)
     if score_window >= 0:
         s = score_tiles
         _column_scores_kernel[(triton.cdiv(max_seqlen, s.block_n), B, Hkv)](
