@@ -43,8 +43,7 @@ from squeeze_ops.policies import SqueezeSettings
 
 from .common import environment, save_markdown
 
-MODEL_NAME = "SmolLM2-135M-Instruct"
-PROFILE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "squeeze_ops", "profiles")
+MODEL_NAME, PROFILE_DIR = ev.MODEL_NAME, ev.PROFILE_DIR
 TARGET_FRACTIONS = (0.1, 0.2, 0.3)
 TARGET_POLICIES = ("h2o", "streaming")
 TARGET_WIN_RATE = 0.7

@@ -42,8 +42,8 @@ POLICIES = {
 }
 FRACTIONS = (0.1, 0.2, 0.3, 0.5)
 SQUEEZE_P = (0.3, 0.5, 0.7)
-PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 MODEL_NAME = "SmolLM2-135M-Instruct"
+PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")  # its calibration files
 
 
 class ModelUnavailable(RuntimeError):
@@ -257,8 +257,8 @@ def prefill_signals(cells):
 def evaluate_window(runner, prompt, continuation, cells, progress=None, prefill=None):
     """Teacher-forced NLL of `continuation` after `prompt` with the full cache and with every
     cell's squeezed cache. One prefill serves all (`prefill`: the (record, logits) of an
-    earlier runner.prefill of this prompt with **prefill_signals(cells), else computed here); the cells of one
-    policy run as one batch (per-sequence budgets)."""
+    earlier runner.prefill of this prompt with **prefill_signals(cells), else computed here);
+    the cells of one policy run as one batch (per-sequence budgets)."""
     progress = progress or (lambda *a, **k: None)
     if prefill is None:
         progress(f"prefill {len(prompt)} tokens")

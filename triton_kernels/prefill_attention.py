@@ -236,8 +236,8 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
 
 def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles, score_tiles,
            use_block_pointers=None):
-    """prefill_attention with explicit tiles (tests use it to run the GPU tiles anywhere) and,
-    for tests, the key-tile addressing (None: block_pointers())."""
+    """prefill_attention with explicit tiles (tests use it to run the GPU tiles anywhere) and
+    key-tile addressing (None: block_pointers(); tests and bench_prefill run both)."""
     out, lse, scores = _meta.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window)
     T, H, D = q.shape
     Hkv = k.shape[1]
