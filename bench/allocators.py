@@ -54,7 +54,8 @@ HEAD_TOKENS = 128  # longer continuations are also reported on their first HEAD_
 # The held-out windows of the earlier committed runs, as (windows per shift, scored tokens, shifts), all with
 # 512-token prompts: every report states how far its own windows overlap them.
 EARLIER_TEST_WINDOWS = ((10, 32, (0.0, 0.5, 0.25, -0.25)),
-                        (10, 128, (0.125, -0.125, 0.375, -0.375, 0.4375, -0.4375, 0.3125, -0.3125)))
+                        (10, 128, (0.125, -0.125, 0.375, -0.375, 0.4375, -0.4375, 0.3125, -0.3125)),
+                        (10, 512, (0.0625, -0.0625, 0.1875, -0.1875)))
 
 
 def candidates(profile, in_context=None, gains=None):

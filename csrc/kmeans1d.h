@@ -66,6 +66,9 @@ struct Prefix {
   double* inv;     // inv[w] = 1 / w for w in [1, n] (inv[0] = 0): a multiply instead of a division
 };
 
+// The shift of the prefix sums: the row's least value (sorted[0]).
+SQZ_HD double row_shift(const uint32_t* sorted) { return static_cast<double>(key_value(sorted[0])); }
+
 // The prefix sums are one serial pass over the sorted positions, in this order: Running holds
 // the pass's state after some position r (sums of positions [0, r], centred on the row's least
 // value), emit() writes what the pass writes at r. The CPU runs the pass once (O(n)); on the GPU
@@ -75,7 +78,7 @@ struct Running {
   double shift, sum = 0.0, sumsq = 0.0;
   int before = 0;  // distinct values before the last position added
 
-  SQZ_HD explicit Running(const uint32_t* sorted) : shift(static_cast<double>(key_value(sorted[0]))) {}
+  SQZ_HD explicit Running(const uint32_t* sorted) : shift(row_shift(sorted)) {}
 
   SQZ_HD void add(const uint32_t* sorted, int q) {
     const double v = static_cast<double>(key_value(sorted[q])) - shift;
@@ -101,7 +104,7 @@ SQZ_HD double prefix_origin(const uint32_t* sorted, Prefix P) {
   P.count[0] = 0;
   P.sum[0] = 0.0;
   P.sumsq[0] = 0.0;
-  return static_cast<double>(key_value(sorted[0]));
+  return row_shift(sorted);
 }
 
 // Within-group sum of squares of items [i, j): Q - S^2 / W.
