@@ -3,7 +3,7 @@
 The interpreter runs the kernels' Python semantics but skips the GPU compiler, which rejects
 things the interpreter accepts (non-constexpr globals, layout or type mismatches in loops). This
 compiles the variants the launchers really launch on the GPU (their constexprs, dtypes, tiles,
-num_warps and num_stages, taken from the launchers' own helpers where they have one), with
+num_warps, num_stages and FP fusion, taken from the launchers' own helpers where they have one), with
 pointers and aligned strides specialised to 16-byte divisibility as the runtime does, down to a
 cubin through Triton's bundled ptxas. The compiles run in a subprocess because TRITON_INTERPRET
 (set by conftest) swaps @triton.jit for the interpreter; there is one test per kernel module so
@@ -27,6 +27,8 @@ def compile_for_sm90(fn, pointers, constexprs, floats=(), aligned=(), num_warps=
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from squeeze_ops.triton_kernels import FP_FUSION
+
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -39,7 +41,7 @@ def compile_for_sm90(fn, pointers, constexprs, floats=(), aligned=(), num_warps=
                  if name in pointers or (name in aligned and name not in constexprs)}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=divisible)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages))
+                            options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION))
     assert kernel.asm["cubin"], fn.__name__
 
 

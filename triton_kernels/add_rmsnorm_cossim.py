@@ -17,6 +17,8 @@ import triton.language as tl
 
 from squeeze_ops import _meta
 
+from . import FP_FUSION
+
 _COS_EPS = tl.constexpr(1e-8)  # same convention as squeeze_ops.reference.COS_EPS
 
 
@@ -111,7 +113,7 @@ def launch(residual, attn_out, weight, cu_seqlens, cos_sum, eps, out, *, cossim=
         residual, attn_out, weight if norm else residual, out if norm else residual, cu_seqlens, cos_sum,
         T, d, B, residual.stride(0), attn_out.stride(0), out.stride(0) if norm else 0, cos_sum.stride(0), eps,
         NORM=norm, COSSIM=cossim, ROWS=rows, BLOCK_D=block_d, SEARCH_STEPS=max(B - 1, 0).bit_length(),
-        num_warps=num_warps,
+        num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )
 
 

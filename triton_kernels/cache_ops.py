@@ -17,6 +17,8 @@ import triton.language as tl
 
 from squeeze_ops import _meta
 
+from . import FP_FUSION
+
 # Policy codes, as in csrc/checks.h (constexpr globals: visible inside @triton.jit functions).
 WINDOW, STREAMING, H2O = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 POLICY_CODES = {"window": WINDOW.value, "streaming": STREAMING.value, "h2o": H2O.value}
@@ -203,7 +205,7 @@ def cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos):
         k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores.stride(),
         *k_new.stride()[:2], *v_new.stride()[:2],
-        Hkv, C, D, BLOCK_D=block_d(D),
+        Hkv, C, D, BLOCK_D=block_d(D), enable_fp_fusion=FP_FUSION,
     )
 
 
@@ -217,5 +219,5 @@ def cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks
         k_cache, v_cache, lens.clone(), lens, slot_pos, scores, budget,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores.stride(),
         C, D, sinks, RECENT_RATIO=float(recent_ratio), POLICY=POLICY_CODES[policy],
-        BLOCK_C=evict_block(C), BLOCK_D=block_d(D), num_warps=8,
+        BLOCK_C=evict_block(C), BLOCK_D=block_d(D), num_warps=8, enable_fp_fusion=FP_FUSION,
     )

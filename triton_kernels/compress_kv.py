@@ -15,6 +15,7 @@ import triton.language as tl
 
 from squeeze_ops import _meta
 
+from . import FP_FUSION
 from .prefill_attention import check_cu_seqlens_values, debug_checks_enabled, sequence_bounds
 
 _POLICY_IDS = {"window": 0, "streaming": 1, "h2o": 2}
@@ -173,4 +174,4 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
         T, C, 0 if policy == "window" else sinks,
         HKV=Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(max(D, 1)),
         POLICY=_POLICY_IDS[policy], HAS_SCORES=scores.numel() > 0,
-        BLOCK=block, BLOCK_T=block_t, num_warps=NUM_WARPS)
+        BLOCK=block, BLOCK_T=block_t, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from squeeze_ops import _meta
 
+from . import FP_FUSION
 from .cache_ops import POLICY_CODES, block_d, check_values, evict_block, evict_head, value_checks_wanted
 
 LOG2E = 1.4426950408889634
@@ -241,6 +242,7 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
         C, scale * LOG2E, split_len,
         BLOCK_H=max(16, tiles.block_g), BLOCK_N=BLOCK_N, APPEND=step is not None, SCORES=accumulate,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, num_warps=4, num_stages=2,
+        enable_fp_fusion=FP_FUSION,
     )
     _combine_kernel[(B, Hkv)](
         o_part, lse_part, logits, n_buf, out,
@@ -249,7 +251,7 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
         C, split_len, sinks,
         BLOCK_G=tiles.block_g, SCORE_BLOCK=tiles.score_block, EVICT_BLOCK=tiles.evict_block, SCORES=accumulate,
         EVICT=step is not None,
-        POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta, num_warps=8,
+        POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta, num_warps=8, enable_fp_fusion=FP_FUSION,
     )
     return out
 

@@ -25,6 +25,8 @@ import triton.language as tl
 
 from squeeze_ops import _meta
 
+from . import FP_FUSION
+
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -256,12 +258,13 @@ def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles
         out.stride(0), out.stride(1), T, qk_scale,
         H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=a.block_m, BLOCK_N=a.block_n, DOT_PRECISION=precision,
         BLOCK_POINTERS=block_pointers() if use_block_pointers is None else use_block_pointers,
-        num_warps=a.num_warps, num_stages=a.num_stages)
+        num_warps=a.num_warps, num_stages=a.num_stages, enable_fp_fusion=FP_FUSION)
     if score_window >= 0:
         s = score_tiles
         _column_scores_kernel[(triton.cdiv(max_seqlen, s.block_n), B, Hkv)](
             q, k, cu_seqlens, lse, scores, q.stride(0), q.stride(1), k.stride(0), k.stride(1), T, qk_scale,
             score_window,
             H=H, HKV=Hkv, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=s.block_m, BLOCK_N=s.block_n,
-            DOT_PRECISION=precision, num_warps=s.num_warps, num_stages=s.num_stages)
+            DOT_PRECISION=precision, num_warps=s.num_warps, num_stages=s.num_stages,
+            enable_fp_fusion=FP_FUSION)
     return out, lse, scores
