@@ -1,6 +1,10 @@
 """add_rmsnorm_cossim vs its plain-PyTorch equivalent (eager add + RMSNorm + cosine + per-sequence
 index_add) and vs the same kernel with the similarity switched off.
 
+GPU rows: `squeeze*` launch the Triton kernel directly (what a captured CUDA graph replays; the
+targets are read on these); `op *` call the public ops, torch.ops dispatch and argument checks
+included (what an eager caller pays: where that host work outlasts the kernel, the op row shows it).
+
 CPU: `pytest bench/bench_add_rmsnorm_cossim.py --benchmark-only`.
 GPU table: `python -m bench.bench_add_rmsnorm_cossim` (--quick: small shapes, also on CPU).
 Targets (H100/H200, [8192, 4096] bf16): >= 85% of the copy bandwidth, within 3% of no-similarity.
@@ -72,15 +76,17 @@ def providers(device):
                 "eager": eager}
     from squeeze_ops.triton_kernels.add_rmsnorm_cossim import launch
 
-    def fused(cossim):
+    def kernel(norm, cossim):
         def run(r, a, w, cu, cs, ids):
-            out = torch.empty_like(r)
-            launch(r, a, w, cu, cs, EPS, out, cossim=cossim)
+            out = torch.empty_like(r) if norm else None
+            launch(r, a, w if norm else None, cu, cs, EPS, out, cossim=cossim)
             return out
         return run
 
-    return {"squeeze": fused(True), "squeeze no-sim": fused(False),
-            "squeeze add_cossim": lambda r, a, w, cu, cs, ids: squeeze_ops.add_cossim(r, a, cu, cs),
+    return {"squeeze": kernel(True, True), "squeeze no-sim": kernel(True, False),
+            "squeeze add_cossim": kernel(False, True),
+            "op add_rmsnorm_cossim": lambda r, a, w, cu, cs, ids: squeeze_ops.add_rmsnorm_cossim(r, a, w, cu, cs, EPS),
+            "op add_cossim": lambda r, a, w, cu, cs, ids: squeeze_ops.add_cossim(r, a, cu, cs),
             "eager": eager}
 
 
@@ -104,7 +110,7 @@ def main():
         es = residual.element_size()
         times = {}
         for name, fn in providers(device).items():
-            no_norm = name == "squeeze add_cossim"
+            no_norm = name.endswith("add_cossim")
             # Bytes of the op: read residual + attn_out, write residual (+ out, + weight).
             nbytes = (3 if no_norm else 4) * T * d * es + (0 if no_norm else d * weight.element_size())
             med, p20, p80 = time_us(lambda: fn(residual, attn_out, weight, cu, cos_sum, seq_ids), device)

@@ -7,9 +7,9 @@ specification of each op.
 """
 from . import _library  # noqa: F401  (registers torch.ops.squeeze.*)
 from . import ops, reference  # noqa: F401
+from .cache import MemoryReport, PrefillRecord, SqueezeKVCache  # noqa: F401
 from .ops import *  # noqa: F401,F403
 from .planner import BudgetPlan, allocate, diagnose, plan_budgets  # noqa: F401
+from .policies import SequencePolicy, SqueezeSettings  # noqa: F401
 
-__version__ = "0.1.0"
-from .cache import MemoryReport, PrefillRecord, SqueezeKVCache  # noqa: E402,F401
-from .policies import SequencePolicy, SqueezeSettings  # noqa: E402,F401
+__version__ = "0.1.0"  # as in pyproject.toml
