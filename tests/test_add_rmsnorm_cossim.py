@@ -4,6 +4,7 @@ import torch
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
+from fences import fenced
 from squeeze_ops import reference
 from squeeze_ops.triton_kernels import add_rmsnorm_cossim as triton_epilogue
 
@@ -83,6 +84,31 @@ def test_triton_switches_off_similarity():
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(residual, expected_res, atol=0, rtol=0)
     assert torch.equal(cos_sum, before)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["add_rmsnorm_cossim", "add_cossim"])
+@pytest.mark.parametrize("cu", [[0, 30, 2, 12], [5, -3, 8, 12], [0, 12, 12, 50], [-9, -9, 40, 0], [0, 2, 4, 6]])
+def test_triton_kernel_stays_in_bounds_for_any_cu_seqlens(monkeypatch, cu, norm):
+    """On the GPU the launcher checks no cu_seqlens value (a host sync) unless SQUEEZE_DEBUG=1:
+    whatever the offsets, the kernel writes only inside residual, out and cos_sum (the sequence
+    of a row is clamped to [0, B)), and the add and the norm, which do not depend on them, are
+    exact. The host check is switched off here as it is on the GPU."""
+    monkeypatch.setattr(triton_epilogue, "_check_cu_seqlens", lambda *args: None)
+    residual, attn_out, weight, _, cos_sum = make_inputs([12], 40, torch.float32, TRITON_DEVICE)
+    cos_sum = torch.zeros(3, device=TRITON_DEVICE)
+    expected_res = residual.clone()
+    one_sequence = torch.tensor([0, 12], dtype=torch.int32)
+    expected_out = reference.add_rmsnorm_cossim(expected_res, attn_out, weight, one_sequence, torch.zeros(1), EPS)
+    cu = torch.tensor(cu, dtype=torch.int32, device=TRITON_DEVICE)
+    fences = [fenced(t) for t in (residual, attn_out, weight, cu, cos_sum, torch.zeros_like(residual))]
+    (residual, _), (attn_out, _), (weight, _), (cu, _), (cos_sum, _), (out, _) = fences
+    triton_epilogue.launch(residual, attn_out, weight if norm else None, cu, cos_sum, EPS, out if norm else None)
+    for _, intact in fences:
+        intact()
+    torch.testing.assert_close(residual, expected_res, atol=0, rtol=0)
+    assert cos_sum.isfinite().all() and bool((cos_sum.abs() <= 12 + 1e-4).all())
+    if norm:
+        torch.testing.assert_close(out, expected_out)
 
 
 @pytest.mark.parametrize("impl", ["cpu", "triton"])

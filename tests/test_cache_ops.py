@@ -7,6 +7,7 @@ from decode_cases import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
+from fences import fenced
 from squeeze_ops import reference
 from squeeze_ops.triton_kernels import cache_ops as tk
 
@@ -130,6 +131,25 @@ def test_evict_triton_matches_reference(policy):
     tk.cache_evict_(*got, budget, policy, 4, 0.5)
     reference.cache_evict_(*want, budget, policy, 4, 0.5)
     assert_same_cache(got, want)
+
+
+def test_triton_append_and_evict_stay_in_bounds_for_any_values(monkeypatch):
+    """On the GPU cache_append_ and cache_evict_ check no lens, budget or pos value (a host sync)
+    unless SQUEEZE_DEBUG=1: lens at or past the capacity or negative, budgets outside [0, C] and
+    negative positions are clamped, and the kernels write nothing outside the cache's tensors.
+    The host checks are switched off here as on the GPU."""
+    monkeypatch.setattr(tk, "value_checks_wanted", lambda t: False)
+    B, Hkv, C, D = 5, 2, 6, 64
+    # The out-of-range values sit in the first and last sequences, whose rows border the fences.
+    fences = [fenced(t) for t in random_cache(B, Hkv, C, D, [0, C, C - 1, 1, C], device=TRITON_DEVICE)]
+    cache = [view for view, _ in fences]
+    cache[2].copy_(torch.tensor([-3, C, C - 1, 1, C + 7], **I32))
+    tk.cache_append_(*cache, *new_tokens(B, Hkv, D, [-5, 41, 43, 44, 40], device=TRITON_DEVICE))
+    assert cache[2].tolist() == [1, C, C, 2, C + 7]  # negative: slot 0; no room: nothing appended
+    tk.cache_evict_(*cache, torch.tensor([-2, 0, 2, 1, C + 3], **I32, device=TRITON_DEVICE), "h2o", 1, 0.5)
+    assert cache[2].tolist() == [0, 0, 2, 1, C]  # budgets clamped into [0, C]
+    for _, intact in fences:
+        intact()
 
 
 def test_recent_window_uses_double_precision():

@@ -9,6 +9,7 @@ import torch
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
+from fences import fenced
 from squeeze_ops import reference
 from squeeze_ops.triton_kernels import compress_kv as triton_compress
 
@@ -206,6 +207,28 @@ def test_triton_launcher_clamps_budget_to_capacity(monkeypatch):
     monkeypatch.setenv("SQUEEZE_DEBUG", "1")
     with pytest.raises(ValueError, match="^budget:"):
         compress(triton_compress.compress_kv_, k, v, scores, cu, budget, "h2o", 1, 0.5, 12)
+
+
+@pytest.mark.parametrize("policy", ["window", "streaming", "h2o"])
+@pytest.mark.parametrize("cu", [[0, 25, 3, 20], [-7, 5, 40, 20], [0, 20, 20, 100], [30, 2, -1, 0]])
+def test_triton_launcher_stays_in_bounds_for_any_cu_seqlens(cu, policy):
+    """Without SQUEEZE_DEBUG the launcher reads no cu_seqlens value on the host (a GPU sync):
+    offsets past T, negative or decreasing ones are clamped inside the kernel, which reads
+    nothing outside k, v and scores (NaN fences around them would reach the cache) and writes
+    nothing outside the cache."""
+    k, v, scores, _ = make_prompt([20], 2, 16, device=TRITON_DEVICE)
+    (k, _), (v, _), (scores, _) = (fenced(t, float("nan")) for t in (k, v, scores))
+    cache = {name: fenced(t) for name, t in poisoned_cache(3, 2, 8, 16, torch.float32, TRITON_DEVICE).items()}
+    cu = torch.tensor(cu, dtype=torch.int32, device=TRITON_DEVICE)
+    budget = torch.tensor([4, 8, 5], dtype=torch.int32, device=TRITON_DEVICE)
+    triton_compress.compress_kv_(k, v, scores, cu, budget, policy, 1, 0.5, *(view for view, _ in cache.values()))
+    for _, intact in cache.values():
+        intact()
+    lens = cache["lens"][0]
+    assert bool(((lens >= 0) & (lens <= budget)).all())
+    for name in ("k_cache", "v_cache", "cache_scores"):
+        kept = torch.arange(8, device=TRITON_DEVICE) < lens[:, None]  # [B, C]
+        assert not cache[name][0].transpose(0, 1)[:, kept].isnan().any(), name
 
 
 # ---- bad inputs ----

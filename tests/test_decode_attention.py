@@ -7,6 +7,7 @@ from decode_cases import one_intra_op_thread  # noqa: F401  (autouse fixture)
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
+from fences import fenced
 from squeeze_ops import reference
 from squeeze_ops.triton_kernels import decode_attention as tk
 
@@ -109,6 +110,27 @@ def test_triton_writes_every_output_and_handles_empty_sequences():
     want_scores = scores.clone()
     want = reference.decode_attention(q, k, v, lens, 0.5, want_scores)
     tk.run_decode(q, k, v, lens, 0.5, scores, True, out)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_stays_in_bounds_for_any_lens(monkeypatch):
+    """On the GPU the launcher checks no lens value (a host sync) unless SQUEEZE_DEBUG=1: lens
+    past the capacity attend over the C slots, negative ones over none, and nothing outside the
+    cache and the scores is read (NaN fences around K/V would reach the output) or written. The
+    host check is switched off here as on the GPU."""
+    monkeypatch.setattr(tk, "value_checks_wanted", lambda t: False)
+    C = 70
+    q, cache = make_case(4, 4, 2, C, 64, [C, 3, 0, C], device=TRITON_DEVICE)
+    fences = [fenced(t, float("nan")) for t in cache[:2]] + [fenced(t) for t in cache[2:]]
+    k, v, lens, _, scores = (view for view, _ in fences)
+    lens.copy_(torch.tensor([C + 9, -4, 0, C], dtype=torch.int32))
+    want_scores = cache[4].clone()
+    want = reference.decode_attention(q, *cache[:2], torch.tensor([C, 0, 0, C], dtype=torch.int32, device=q.device),
+                                      0.5, want_scores)
+    out = tk.decode_attention(q, k, v, lens, 0.5, scores)
+    for _, intact in fences:
+        intact()
     torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-5)
 

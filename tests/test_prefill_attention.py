@@ -5,6 +5,7 @@ import torch
 
 import squeeze_ops
 from conftest import TRITON_DEVICE
+from fences import fenced
 from squeeze_ops import reference
 from squeeze_ops.triton_kernels import prefill_attention as triton_prefill
 
@@ -197,6 +198,35 @@ def test_triton_launcher_rejects_bad_inputs(monkeypatch, name, args, mention, va
         monkeypatch.setenv("SQUEEZE_DEBUG", "1")
     with pytest.raises(ValueError, match=mention):
         triton_prefill.prefill_attention(*args)
+
+
+@pytest.mark.parametrize("block_pointers", [True, False], ids=["block-pointers", "pointer-tensors"])
+@pytest.mark.parametrize("cu", [[0, 25, 3, 20], [-7, 5, 40, 20], [0, 20, 20, 100], [30, 2, -1, 0]])
+def test_triton_launcher_stays_in_bounds_for_any_cu_seqlens(monkeypatch, cu, block_pointers):
+    """Without SQUEEZE_DEBUG the launcher reads no cu_seqlens value on the host (a GPU sync):
+    offsets past T, negative or decreasing ones, and a max_seqlen past every sequence are
+    clamped inside the kernels. They write nothing outside their outputs, and read nothing
+    outside q/k/v (NaN fences around them would show in the outputs, zeroed where unwritten)."""
+    if block_pointers and not triton_prefill.block_pointers():
+        pytest.skip("this Triton has no block pointers")
+    q, k, v, _ = packed_batch([20], 4, 2, 64, device=TRITON_DEVICE)
+    (q, _), (k, _), (v, _) = (fenced(t, float("nan")) for t in (q, k, v))
+    outputs = []  # (view, intact) of every output the launcher allocates
+    allocate = triton_prefill._meta.prefill_attention
+
+    def fenced_outputs(*args):
+        outputs.extend(fenced(t.zero_()) for t in allocate(*args))
+        return tuple(view for view, _ in outputs[-3:])
+
+    monkeypatch.setattr(triton_prefill._meta, "prefill_attention", fenced_outputs)
+    cu = torch.tensor(cu, dtype=torch.int32, device=TRITON_DEVICE)
+    tiles = triton_prefill.tiles(q.device, q.shape[2])
+    for score_window in (0, 4):
+        triton_prefill.launch(q, k, v, cu, 64, 0.125, score_window, *tiles, use_block_pointers=block_pointers)
+    assert len(outputs) == 6
+    for view, intact in outputs:
+        intact()
+        assert not view.isnan().any()
 
 
 def test_triton_launcher_rejects_unsupported_head_dim():
