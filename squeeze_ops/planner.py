@@ -385,7 +385,7 @@ def diagnose(plan, capacity, allocator=None, *, sequences=None, waste_tolerance=
             f"wasted budget in sequences {[names[i] for i in wasteful]}: up to {100 * waste[b]:.1f}% of the "
             f"budget can never be used (sequence {names[b]}: layers {over} were given more tokens than they can "
             f"hold, {int(capacity[b])}); an allocator that redistributes (Squeeze(clamp=True), Continuous, "
-            f"Pyramid, Calibrated) uses it")
+            f"Pyramid, Calibrated, Coverage, Perturbation) uses it")
     degenerate = [b for b in range(B) if grouped and largest[b] > group_tolerance]
     if degenerate:
         b = max(degenerate, key=lambda i: largest[i])
