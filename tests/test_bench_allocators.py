@@ -1,5 +1,8 @@
-"""The allocator evaluation's pure parts (bench/allocators.py): held-out window placement, the
-overlap with earlier runs' windows, paired differences and the scored-length section."""
+"""The allocator evaluation's pure parts (bench/allocators.py): held-out window placement (evenly
+spread and one by one), the overlap with earlier runs' windows, the tuning's criteria, paired
+differences and the scored-length section."""
+import math
+
 import pytest
 import torch
 
@@ -24,14 +27,18 @@ def test_shift_outside_half_a_spacing_is_refused(shift):
         ba.window_starts(5000, 300, 40, 7, shift)
 
 
+def token_sets(total, prompt_len, specs):
+    """(whole window, continuation) token sets of every window of specs, for the checks."""
+    starts = [(a, g) for count, g, where in specs
+              for a in (where if count is None else
+                        [a for s in where for a in ba.window_starts(total, prompt_len, g, count, s)])]
+    return [(set(range(a, a + prompt_len + g)), set(range(a + prompt_len, a + prompt_len + g))) for a, g in starts]
+
+
 def brute_overlap(total, prompt_len, runs, earlier):
-    """Token sets, for the check."""
-    def windows(specs):
-        return [(set(range(a, a + prompt_len + g)), set(range(a + prompt_len, a + prompt_len + g)))
-                for count, g, shifts in specs for s in shifts for a in ba.window_starts(total, prompt_len, g, count, s)]
-    theirs = windows(earlier)
-    return (max(len(w & w2) for w, _ in windows(runs) for w2, _ in theirs),
-            max(len(c & c2) for _, c in windows(runs) for _, c2 in theirs))
+    theirs = token_sets(total, prompt_len, earlier)
+    return (max(len(w & w2) for w, _ in token_sets(total, prompt_len, runs) for w2, _ in theirs),
+            max(len(c & c2) for _, c in token_sets(total, prompt_len, runs) for _, c2 in theirs))
 
 
 @pytest.mark.parametrize("runs, earlier", [
@@ -39,13 +46,54 @@ def brute_overlap(total, prompt_len, runs, earlier):
     ([(4, 50, (0.25,))], [(4, 50, (-0.25,))]),                    # disjoint
     ([(4, 200, (0.05, -0.05))], [(4, 40, (0.0, 0.5)), (3, 60, (0.1,))]),  # partial, other lengths
     ([(5, 30, (0.2,))], [(4, 80, (0.0,))]),
+    ([(None, 70, (0, 1500, 2700))], [(4, 80, (0.0,)), (None, 40, (1600, 2500))]),  # placed one by one
 ])
 def test_overlap_counts_shared_tokens(runs, earlier):
     total, prompt_len = 3000, 120
-    got = ba.overlap(total, prompt_len, runs, earlier)
+    got = ba.overlap(ba.spans(total, prompt_len, runs), ba.spans(total, prompt_len, earlier))
     assert got == brute_overlap(total, prompt_len, runs, earlier)
     if runs == earlier:
         assert got == (prompt_len + 50, 50)
+
+
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_fresh_windows_score_only_unscored_tokens_and_share_none(count):
+    total, prompt_len, gen = 20000, 300, 200
+    earlier = [(4, 150, (0.0, 0.5)), (7, 60, (0.1, -0.3)), (None, 500, (9000, 15000))]
+    starts, stretches = ba.fresh_starts(total, prompt_len, gen, count, ba.spans(total, prompt_len, earlier))
+    assert len(starts) == count == len(set(starts)) and stretches >= count
+    theirs = set().union(*(c for _, c in token_sets(total, prompt_len, earlier)))
+    mine = token_sets(total, prompt_len, [(None, gen, starts)])
+    for i, (window, scored) in enumerate(mine):
+        assert not scored & theirs and min(window) >= 0 and max(window) < total
+        assert all(not window & other for other, _ in mine[i + 1:])
+    assert starts == sorted(starts)
+
+
+def test_fresh_windows_refuse_what_does_not_fit():
+    total, prompt_len, gen = 3000, 120, 200
+    earlier = ba.spans(total, prompt_len, [(6, 200, (0.0,))])
+    with pytest.raises(ValueError, match="--fresh-windows: only"):
+        ba.fresh_starts(total, prompt_len, gen, 50, earlier)
+    # One scored token every 150: 19 free stretches of 149 tokens, closer than a window is long.
+    dense = ba.spans(total, prompt_len, [(None, 1, tuple(range(0, total - prompt_len - 1, 150)))])
+    starts, stretches = ba.fresh_starts(total, prompt_len, 100, 9, dense)
+    assert stretches == 19 and len(starts) == 9
+    with pytest.raises(ValueError, match="share tokens"):
+        ba.fresh_starts(total, prompt_len, 100, 19, dense)
+
+
+def test_tuning_score_mean_and_t():
+    results, cont = fake_results([-0.1, 0.2, -0.3], [0.0, 0.0, 0.0])
+    for r in results:
+        r["full"] = 2.9
+    assert ba.tuning_score(results, "streaming", (0.2,), cont, "mean") == pytest.approx(0.1 + (-0.1 + 0.2 - 0.3) / 3)
+    m, se = ba.mean_se([-0.1, 0.2, -0.3])
+    assert ba.tuning_score(results, "streaming", (0.2,), cont, "t") == pytest.approx(m / se)
+    same, _ = fake_results([0.0, 0.0], [0.0, 0.0])
+    assert ba.tuning_score(same, "streaming", (0.2,), cont, "t") == 0.0
+    worse, _ = fake_results([0.1, 0.1], [0.0, 0.0])
+    assert ba.tuning_score(worse, "streaming", (0.2,), cont, "t") == math.inf
 
 
 def fake_results(diffs_all, diffs_head):
@@ -53,8 +101,8 @@ def fake_results(diffs_all, diffs_head):
     cont = Continuous(0.5, 0.75, 1.5)
     out = []
     for d, h in zip(diffs_all, diffs_head):
-        cells = {f"streaming|0.2|{ba.key(Uniform())}": {"nll": 3.0, "nll_head": 2.5},
-                 f"streaming|0.2|{ba.key(cont)}": {"nll": 3.0 + d, "nll_head": 2.5 + h}}
+        cells = {f"streaming|0.2|{ba.key(Uniform())}": {"nll": 3.0, "nll_head": 2.5, "agree": 1.0, "kept": 0.2},
+                 f"streaming|0.2|{ba.key(cont)}": {"nll": 3.0 + d, "nll_head": 2.5 + h, "agree": 1.0, "kept": 0.2}}
         out.append({"cells": cells})
     return out, cont
 
