@@ -61,7 +61,11 @@ HEAD_TOKENS = 128  # longer continuations are also reported on their first HEAD_
 # Every report states how far its own windows overlap them; --fresh-windows avoids their scored tokens.
 EARLIER_TEST_WINDOWS = ((10, 32, (0.0, 0.5, 0.25, -0.25)),
                         (10, 128, (0.125, -0.125, 0.375, -0.375, 0.4375, -0.4375, 0.3125, -0.3125)),
-                        (10, 512, (0.0625, -0.0625, 0.1875, -0.1875)))
+                        (10, 512, (0.0625, -0.0625, 0.1875, -0.1875)),
+                        (None, 512, (830, 2236, 5660, 8474, 10671, 12077, 14102, 16916, 21215, 22544, 24730, 28173,
+                                     32462, 33801, 35977, 42243, 44412, 45818, 53499, 54956, 57064, 58470, 66202,
+                                     67570, 69717, 76012, 78152, 79558, 83874, 87269, 89399, 90805, 95082, 97884,
+                                     99943, 101339, 103457, 106291, 109781, 111190)))
 
 
 def candidates(profile, in_context=None, gains=None):

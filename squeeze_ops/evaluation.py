@@ -173,7 +173,8 @@ def recommended_allocator(policy, fraction):
     (README "Choosing an allocator"; the nearest measured budget of 10/20/30/50% decides).
 
     Rule, over the largest held-out evidence per cell (H2O: the 60 pooled windows of runs 4-6,
-    StreamingLLM: run 8's 40 windows scored over 512 tokens, window and the 50% budgets: run 3):
+    StreamingLLM: run 8's 40 windows scored over 512 tokens, at 30% with run 9's 40 more; window
+    and the 50% budgets: run 3):
     the allocator that beats uniform in >= 70% of the windows, the larger mean gain if several
     do; where none does, the one of larger mean gain if that is at least two standard errors
     below zero; else Uniform(). Other models: the families carry over, the measured choice and
