@@ -16,27 +16,26 @@ from squeeze_ops.triton_kernels import prefill_attention
 
 MODULES = (add_rmsnorm_cossim, cache_ops, compress_kv, decode_attention, decode_step, prefill_attention)
 I32 = dict(dtype=torch.int32, device=TRITON_DEVICE)
+JIT = type(prefill_attention._attention_kernel)  # the interpreter's class under TRITON_INTERPRET, else Triton's
 
 
 def launched_kernels():
     """The @triton.jit kernels the launchers launch: by convention named _*_kernel."""
-    jit = type(prefill_attention._attention_kernel)
     return {name for m in MODULES for name, obj in vars(m).items()
-            if isinstance(obj, jit) and name.startswith("_") and name.endswith("_kernel")}
+            if isinstance(obj, JIT) and name.startswith("_") and name.endswith("_kernel")}
 
 
 @pytest.fixture
 def launches(monkeypatch):
     """{kernel name: [the enable_fp_fusion of each launch]} filled as the kernels run."""
     seen = {}
-    jit = type(prefill_attention._attention_kernel)
-    run = jit.run
+    run = JIT.run
 
     def recording_run(self, *args, **kwargs):
         seen.setdefault(self.__name__, []).append(kwargs.get("enable_fp_fusion"))
         return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(jit, "run", recording_run)
+    monkeypatch.setattr(JIT, "run", recording_run)
     return seen
 
 
