@@ -227,10 +227,14 @@ def window_starts(total, prompt_len, gen_len, count, shift):
     return [int((i + 0.5 + shift) * usable / count) for i in range(count)]
 
 
+def windows_at(ids, prompt_len, gen_len, starts):
+    """(prompt, continuation) pairs of the windows whose first tokens are `starts`."""
+    return [(ids[at : at + prompt_len], ids[at + prompt_len : at + prompt_len + gen_len]) for at in starts]
+
+
 def shifted_windows(ids, prompt_len, gen_len, count, shift):
     """(prompt, continuation) pairs of the windows starting at window_starts."""
-    return [(ids[at : at + prompt_len], ids[at + prompt_len : at + prompt_len + gen_len])
-            for at in window_starts(len(ids), prompt_len, gen_len, count, shift)]
+    return windows_at(ids, prompt_len, gen_len, window_starts(len(ids), prompt_len, gen_len, count, shift))
 
 
 def spans(total, prompt_len, specs):
@@ -340,7 +344,7 @@ def main(argv=None):
         except ValueError as e:
             parser.error(str(e))
         digest = hashlib.sha1(json.dumps(starts).encode()).hexdigest()[:8]
-        test_sets = [(f"fresh-{digest}", [(pydoc[at : at + P], pydoc[at + P : at + P + G_test]) for at in starts])]
+        test_sets = [(f"fresh-{digest}", windows_at(pydoc, P, G_test, starts))]
         mine = spans(len(pydoc), P, [(None, G_test, starts)])
     else:
         test_sets = [(f"shift{shift:g}", shifted_windows(pydoc, P, G_test, args.test_windows, shift))
@@ -381,9 +385,8 @@ def main(argv=None):
             tuning_rows.append((pol, fam, [(a, scores[a], a == best) for a in options]))
 
     # 3. Held-out test on pydoc.
-    tested_families = chosen
     cells = [(pol, f, a) for pol in test_policies for f in test_fractions
-             for a in [Uniform()] + list(tested_families[pol].values())]
+             for a in [Uniform()] + list(chosen[pol].values())]
     tested = [r for name, wins in test_sets
               for r in run_windows(runner, wins, cells, f"test-pydoc-{name}", args, progress)]
     seconds = progress.elapsed()
@@ -465,7 +468,7 @@ def main(argv=None):
     best_by_cell = {}
     for pol in test_policies:
         for f in test_fractions:
-            for fam, alloc in [("uniform", Uniform())] + list(tested_families[pol].items()):
+            for fam, alloc in [("uniform", Uniform())] + list(chosen[pol].items()):
                 (d, se), agree, held = cell_stats(tested, pol, f, alloc)
                 if fam == "uniform":
                     diff, wins = "", ""
@@ -478,7 +481,7 @@ def main(argv=None):
                 lines.append(f"| {pol} | {100 * f:g}% | {alloc.describe()} | {d:+.4f} ± {se:.4f} | "
                              f"{100 * agree:.1f}% | {held:.3f} | {diff} | {wins} |")
     lines += ["", "## Targets", "", "```"]
-    lines += targets(best_by_cell, tested, tested_families, test_policies, test_fractions)
+    lines += targets(best_by_cell, tested, chosen, test_policies, test_fractions)
     lines += ["```", ""]
     if G_test > HEAD_TOKENS:
         lines += scored_length_section(tested, best_by_cell, G_test)
