@@ -40,10 +40,11 @@ import warnings
 import torch
 
 from squeeze_ops import evaluation as ev
-from squeeze_ops.allocators import (KNOTS, Calibrated, Continuous, Coverage, LayerGains, Perturbation, Pyramid,
-                                   SensitivityProfile, Squeeze, Uniform)
-from squeeze_ops.calibration import IN_CONTEXT_MULTIPLES, fit_gains, in_context_fractions, measure_profile
-from squeeze_ops.planner import allocate, diagnose, pad_observed
+from squeeze_ops.allocators import (KNOTS, Calibrated, CalibratedHeads, Continuous, Coverage, HeadGains, LayerGains,
+                                   Perturbation, Pyramid, SensitivityProfile, Squeeze, Uniform)
+from squeeze_ops.calibration import (IN_CONTEXT_MULTIPLES, fit_gains, in_context_fractions, measure_head_gains,
+                                     measure_profile)
+from squeeze_ops.planner import allocate, budget_text, diagnose, pad_observed
 from squeeze_ops.policies import SqueezeSettings
 
 from .common import environment, save_markdown
@@ -55,6 +56,7 @@ TARGET_WIN_RATE = 0.7
 CONTEXTS = (0.1, 0.2, 0.3, 0.5)
 CONTEXT_POLICIES = ("streaming",)
 OBSERVE = 32  # prompt queries whose attention the Coverage and Perturbation allocators read
+HEADS = "calibrated heads"  # the per-KV-head family (its head gains are measured only when it is tested)
 HEAD_TOKENS = 128  # longer continuations are also reported on their first HEAD_TOKENS scored tokens
 # The held-out windows of the earlier committed runs, all with 512-token prompts: (windows per shift, scored
 # tokens, shifts) for evenly spread windows, (None, scored tokens, first tokens) for windows placed one by one.
@@ -68,7 +70,7 @@ EARLIER_TEST_WINDOWS = ((10, 32, (0.0, 0.5, 0.25, -0.25)),
                                      99943, 101339, 103457, 106291, 109781, 111190)))
 
 
-def candidates(profile, in_context=None, gains=None):
+def candidates(profile, in_context=None, gains=None, head_gains=None):
     """Allocator families and their candidate parameters (tuned on Botchan only)."""
     families = {
         "squeeze": [Squeeze(p) for p in (0.3, 0.5, 0.7, 0.9)],
@@ -87,6 +89,9 @@ def candidates(profile, in_context=None, gains=None):
     if gains:
         families["perturbation gained"] = [Perturbation(power, floor, cap, OBSERVE, gains) for power in (1.0, 2.0)
                                            for floor, cap in ((0.5, 2.0), (0.75, 1.5))]
+    if head_gains:
+        families[HEADS] = [CalibratedHeads(head_gains, gamma, floor, cap) for gamma in (0.5, 1.0)
+                           for floor, cap in ((0.25, 4.0), (0.5, 3.0), (0.75, 2.0))]
     return families
 
 
@@ -103,12 +108,13 @@ def load_or_measure(path, measure, progress, recalibrate, kind=SensitivityProfil
     return profile
 
 
-def calibrate(runner, calib_windows, context_windows, args, progress):
+def calibrate(runner, calib_windows, context_windows, head_windows, args, progress):
     """Per policy: the isolated profile (other layers full) and, for CONTEXT_POLICIES, the
-    in-context profiles at CONTEXTS (tuple) and the layer gains fitted to them on the same
-    windows; loaded from args.profile_dir when present."""
+    in-context profiles at CONTEXTS (tuple), the layer gains fitted to them on the same
+    windows and, when head_windows are given, the head gains at args.head_fractions (tuple,
+    measured on head_windows); loaded from args.profile_dir when present."""
     P, G = args.prompt_len, args.gen_len
-    isolated, in_context, gains = {}, {}, {}
+    isolated, in_context, gains, head_gains = {}, {}, {}, {}
     for pol in ev.POLICIES:
         isolated[pol] = load_or_measure(
             os.path.join(args.profile_dir, f"{MODEL_NAME}.{pol}.json"),
@@ -131,13 +137,21 @@ def calibrate(runner, calib_windows, context_windows, args, progress):
                               source=f"Botchan first third, {len(context_windows)} windows of {P} prompt tokens, "
                               f"fitted to the in-context profiles at {', '.join(f'{c:g}' for c in CONTEXTS)}"),
             progress, args.recalibrate, LayerGains)
-    return isolated, in_context, gains
+        if head_windows:
+            head_gains[pol] = tuple(load_or_measure(
+                os.path.join(args.profile_dir, f"{MODEL_NAME}.{pol}.heads{f:g}.json"),
+                lambda: measure_head_gains(
+                    runner, head_windows, ev.POLICIES[pol], MODEL_NAME, f, progress=progress,
+                    source=f"Botchan first third, {len(head_windows)} windows of {P} prompt + "
+                    f"{len(head_windows[0][1])} teacher-forced tokens, every other head at {f:g}"),
+                progress, args.recalibrate, HeadGains) for f in args.head_fractions)
+    return isolated, in_context, gains, head_gains
 
 
 def key(allocator):
     """Cache key of an allocator: its description, plus the digest of the calibration files it
-    reads (Calibrated's profiles, Perturbation's gains)."""
-    if isinstance(allocator, Calibrated):
+    reads (Calibrated's profiles, Perturbation's gains, CalibratedHeads' head gains)."""
+    if isinstance(allocator, (Calibrated, CalibratedHeads)):
         data = [p.to_json() for p in allocator.profiles]
         data = data if len(data) > 1 else data[0]
     elif isinstance(allocator, Perturbation) and allocator.gains is not None:
@@ -174,7 +188,7 @@ def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
         mine = [c for c in todo if c[0] == pol]
         settings = [SqueezeSettings(b_init=frac, allocator=alloc) for _, frac, alloc in mine]
         cache, nll, head, top1 = score(ev.POLICIES[pol], settings, f"decode {pol} x{len(mine)}")
-        held = cache.budgets.double().mean(1) / len(prompt)
+        held = cache.budgets.double().flatten(1).mean(1) / len(prompt)
         agree = (top1 == full_top1).double().mean(1)
         for i, cell in enumerate(mine):
             done["cells"][name(*cell)] = {"nll": nll[i], "nll_head": head[i], "agree": agree[i].item(),
@@ -310,6 +324,13 @@ def main(argv=None):
                              "continuations hold no token an earlier committed run scored")
     parser.add_argument("--context-windows", type=int, default=8,
                         help="Botchan windows (first third) of the in-context profiles")
+    parser.add_argument("--head-windows", type=int, default=8,
+                        help="Botchan windows (first third) of the head gains")
+    parser.add_argument("--head-gen-len", type=int, default=128,
+                        help="continuation tokens of the head-gain windows (default 128)")
+    parser.add_argument("--head-fractions", type=float, nargs="+", default=list(TARGET_FRACTIONS),
+                        help="operating points of the head gains (default 0.1 0.2 0.3); measured only when the "
+                             f"'{HEADS}' family is tested")
     parser.add_argument("--recalibrate", action="store_true", help="measure the profiles again")
     parser.add_argument("--calibrate-only", action="store_true", help="stop after the profiles")
     parser.add_argument("--test-gen-len", type=int, help="continuation tokens of the test windows (default: --gen-len)")
@@ -336,6 +357,8 @@ def main(argv=None):
     calib_windows = ev.windows(botchan[:third], P, G, args.calib_windows)
     context_windows = ev.windows(botchan[:third], P, G, args.context_windows)
     tune_windows = ev.windows(botchan[third:], P, G, args.tune_windows)
+    measure_heads = args.test_families is None or HEADS in args.test_families
+    head_windows = ev.windows(botchan[:third], P, args.head_gen_len, args.head_windows) if measure_heads else []
     G_test = args.test_gen_len or G
     earlier = spans(len(pydoc), P, EARLIER_TEST_WINDOWS)
     if args.fresh_windows:
@@ -358,14 +381,16 @@ def main(argv=None):
     policies = list(ev.POLICIES)
 
     # 1. Calibration profiles.
-    profiles, in_context, gains = calibrate(runner, calib_windows, context_windows, args, progress)
+    profiles, in_context, gains, head_gains = calibrate(runner, calib_windows, context_windows, head_windows, args,
+                                                         progress)
     if args.calibrate_only:
         return 0
 
     # 2. Tuning on Botchan: the tested policies' families (--test-families: only those).
     test_policies, test_fractions = args.test_policies, tuple(args.test_fractions)
     fractions = tuple(args.tune_fractions)
-    families = {pol: candidates(profiles[pol], in_context.get(pol), gains.get(pol)) for pol in test_policies}
+    families = {pol: candidates(profiles[pol], in_context.get(pol), gains.get(pol), head_gains.get(pol))
+                for pol in test_policies}
     known = {fam for pol in test_policies for fam in families[pol]}
     if not set(args.test_families or ()) <= known:
         parser.error(f"--test-families: unknown {sorted(set(args.test_families) - known)}; the families of "
@@ -406,6 +431,10 @@ def main(argv=None):
         + (f"--fresh-windows {args.fresh_windows} " if args.fresh_windows else
            f"--test-windows {args.test_windows} --test-shift {' '.join(f'{x:g}' for x in args.test_shift)} ")
         + f"--context-windows {args.context_windows}"
+        + (f" --head-windows {args.head_windows}" if args.head_windows != 8 else "")
+        + (f" --head-gen-len {args.head_gen_len}" if args.head_gen_len != 128 else "")
+        + (f" --head-fractions {' '.join(f'{f:g}' for f in args.head_fractions)}"
+           if tuple(args.head_fractions) != TARGET_FRACTIONS else "")
         + (f" --test-gen-len {G_test}" if G_test != G else "")
         + (f" --test-policies {' '.join(test_policies)}" if test_policies != list(ev.POLICIES) else "")
         + (f" --test-fractions {' '.join(f'{f:g}' for f in test_fractions)}" if test_fractions != ev.FRACTIONS else "")
@@ -438,7 +467,14 @@ def main(argv=None):
         f"the same {OBSERVE} queries at {KNOTS + 1} budgets per layer, under each policy's kept sets (h2o: by the "
         "prefill's all-query scores). Perturbation gained (" + ", ".join(CONTEXT_POLICIES) + "): the same "
         "signal times per-layer gains (loss per unit of perturbation) fitted once to the in-context profiles on "
-        "their windows (calibration.fit_gains; one file per policy in squeeze_ops/profiles/).",
+        "their windows (calibration.fit_gains; one file per policy in squeeze_ops/profiles/)."
+        + (f" Calibrated heads ({', '.join(CONTEXT_POLICIES)}): per-KV-head budgets (the cache holds one row "
+           f"per sequence and KV head) following head gains measured on {len(head_windows)} Botchan windows of "
+           f"the first third ({P} prompt + {args.head_gen_len} teacher-forced tokens): at each operating point f in "
+           f"{', '.join(f'{f:g}' for f in args.head_fractions)}, the NLL fall when only one KV head of one layer "
+           "keeps its whole context while every other keeps f (calibration.measure_head_gains; one file per "
+           "policy and f); the same total KV as uniform (Hkv x L x floor(b P) per sequence)." if head_windows
+           else ""),
         f"- Tuning: {len(tune_windows)} Botchan windows (the other two thirds); per policy and allocator family the "
         + ("candidate with the lowest mean dNLL" if args.select_by == "mean" else
            "candidate with the most negative t-statistic (mean / s.e.) of its paired difference vs uniform")
@@ -506,6 +542,16 @@ def main(argv=None):
         sums = ", ".join(f"{f:g}: {sum(r):+.3f}" for f, r in zip(prof.budgets, prof.values))
         lines.append(f"- {pol} ({prof.policy}) at f = {prof.budgets[0]:g}: "
                      + ", ".join(f"L{layer} {row[layer]:+.4f}" for layer in top) + f"; sum over layers at f = {sums}")
+    for pol, per_fraction in head_gains.items():
+        lines += ["", f"Head gains ({pol}): NLL fall (nats/token) when only KV head h of layer l keeps its whole "
+                  "context, every other at f; the 8 largest, and how the heads' gains spread:", ""]
+        for g in per_fraction:
+            flat = sorted(((v, layer, h) for layer, row in enumerate(g.values) for h, v in enumerate(row)),
+                          reverse=True)
+            positive = [v for v, *_ in flat if v > 0]
+            lines.append(f"- f = {g.fraction:g}: " + ", ".join(f"L{layer}h{h} {v:+.4f}" for v, layer, h in flat[:8])
+                         + f"; {len(positive)} of {len(flat)} heads above 0, the 10 largest hold "
+                         f"{100 * sum(positive[:10]) / max(sum(positive), 1e-30):.0f}% of the positive gain")
     lines.append("")
     print(save_markdown(args.name, "\n".join(lines)))
     return 0
@@ -582,14 +628,15 @@ def diagnostics_section(runner, prompt, gen, pol, chosen):
     perturbation = torch.stack(record.perturbation[policy], 1)  # [1, L, KNOTS + 1]
     lens = torch.tensor([len(prompt)], dtype=torch.int32)
     capacity = lens + gen
-    out = [f"Budgets at 20% (uniform, the paper's squeeze p=0.3 and {pol}'s tuned allocators; nominal/effective "
-           "where they differ):", ""]
+    out = [f"Budgets at 20% (uniform, the paper's squeeze p=0.3 and {pol}'s tuned allocators; per head: the "
+           "heads' budgets joined by '/'; nominal (effective) where they differ):", ""]
     columns, messages = {}, []
     for fam, alloc in {"uniform": Uniform(), "paper": Squeeze(0.3), **chosen[pol]}.items():
         plan = allocate(record.cos_sum, lens, alloc, b_init=0.2, capacity=capacity, min_budget=policy.min_budget,
                         observed=observed, policy=policy, perturbation=perturbation)
         diag = diagnose(plan, capacity, alloc, warn=False)
-        columns[alloc.describe()] = [n if n == e else f"{n}/{e}" for n, e in zip(diag.nominal[0], diag.effective[0])]
+        columns[alloc.describe()] = [budget_text(n) if n == e else f"{budget_text(n)} ({budget_text(e)})"
+                                     for n, e in zip(diag.nominal[0], diag.effective[0])]
         messages += [f"{alloc.describe()}: {m}" for m in diag.messages]
         if fam == "paper":
             groups = diag

@@ -23,12 +23,16 @@ lengths, what a layer can hold and the policy's smallest workable budget.
                               perturbation (to a power) that the policy's eviction causes for
                               the last W prompt queries, optionally weighted per layer by the
                               loss per unit of perturbation (LayerGains, fitted once)
-    Fixed(budgets)            explicit per-layer budgets in tokens (measurement, replay)
+    CalibratedHeads(gains, ...) per KV head: budgets that follow a per-model profile of how much
+                              each head gains from its whole context (HeadGains, measured once);
+                              a per-head plan [B, L, Hkv]
+    Fixed(budgets)            explicit per-layer (or per-head) budgets in tokens (measurement, replay)
 
 Totals: the allocators that redistribute (Squeeze(clamp=True), Continuous, Pyramid,
-Calibrated, Coverage, Perturbation) give every sequence exactly the uniform baseline's total
-L * floor(base), so they are compared with Uniform at equal KV held, unless the policy's minimum
-budget per layer needs more (floors win) or the layers cannot hold that much (capacity wins). The faithful
+Calibrated, Coverage, Perturbation, CalibratedHeads) give every sequence exactly the uniform
+baseline's total L * floor(base) (per head: Hkv * L * floor(base), what uniform holds over its
+heads), so they are compared with Uniform at equal KV held, unless the policy's minimum budget
+per layer needs more (floors win) or the layers cannot hold that much (capacity wins). The faithful
 Squeeze keeps its own rounding (L * base - L < total <= L * base) and may give a layer more
 than it can hold. Fixed ignores the base.
 
@@ -49,6 +53,7 @@ from .ops import kmeans1d, layer_budgets
 REPORTED_GROUPS = 3
 PROFILE_FORMAT = "squeeze-ops/sensitivity-profile"
 GAINS_FORMAT = "squeeze-ops/layer-gains"
+HEAD_GAINS_FORMAT = "squeeze-ops/head-gains"
 PROFILE_VERSION = 1
 # Budgets at which the Perturbation signal is measured: KNOTS + 1 evenly spaced fractions of the prompt.
 KNOTS = 64
@@ -571,23 +576,142 @@ class Perturbation(_Observing):
 
 @dataclass(frozen=True)
 class Fixed:
-    """Explicit per-layer budgets in tokens, the same for every sequence (at least min_budget).
-    The base budget is ignored: the total is the caller's. Used to measure sensitivity
-    profiles and to replay a schedule."""
+    """Explicit budgets in tokens, the same for every sequence (at least min_budget): a tuple
+    of L per-layer budgets, or of L tuples of Hkv per-KV-head budgets (a per-head plan, see
+    CalibratedHeads). The base budget is ignored: the total is the caller's. Used to measure
+    sensitivity profiles and to replay a schedule."""
 
     budgets: tuple
 
     uses_groups = False
 
+    def __post_init__(self):
+        rows = {len(b) if isinstance(b, tuple) else None for b in self.budgets}
+        if len(rows) > 1 or 0 in rows:
+            raise ValueError(f"budgets: expected L budgets or L tuples of as many head budgets, got {self.budgets}")
+
+    @property
+    def per_head(self):
+        return bool(self.budgets) and isinstance(self.budgets[0], tuple)
+
     def allocate(self, request):
         if len(self.budgets) != request.num_layers:
             raise ValueError(f"budgets: expected {request.num_layers} layer budgets, got {len(self.budgets)}")
-        row = _on_device(tuple(self.budgets), torch.int32, request.similarity.device)
+        row = _on_device(self.budgets, torch.int32, request.similarity.device)  # [L] or [L, Hkv]
         labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
-        return row.clamp_min(request.min_budget).expand(request.similarity.shape).contiguous(), labels, centroids
+        budgets = row.clamp_min(request.min_budget).expand(request.similarity.shape[0], *row.shape)
+        return budgets.contiguous(), labels, centroids
 
     def describe(self):
-        return "fixed"
+        return "fixed per head" if self.per_head else "fixed"
+
+
+@dataclass(frozen=True)
+class HeadGains(_JsonFile):
+    """How much one model's loss falls when a single KV head keeps its whole context.
+
+    values[l][h]: mean NLL decrease (nats/token) when only KV head h of layer l keeps its full
+    cache while every other (layer, head) keeps `fraction` * prompt length tokens under
+    `policy`, relative to all of them at the fraction (small negative values: noise). Measured
+    once per model and policy on calibration text (squeeze_ops.calibration.measure_head_gains);
+    keep the file next to the model's settings and load it at run time.
+    """
+
+    model: str
+    num_layers: int
+    num_kv_heads: int
+    policy: str
+    fraction: float
+    values: tuple
+    source: str = ""
+
+    def __post_init__(self):
+        if len(self.values) != self.num_layers or any(len(row) != self.num_kv_heads for row in self.values):
+            raise ValueError(f"values: expected {self.num_layers} rows of {self.num_kv_heads} head gains")
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"fraction: expected a fraction of the prompt in (0, 1), got {self.fraction}")
+
+    def to_json(self):
+        return {"format": HEAD_GAINS_FORMAT, "version": PROFILE_VERSION, "model": self.model,
+                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "policy": self.policy,
+                "fraction": self.fraction, "values": [list(row) for row in self.values], "source": self.source}
+
+    @classmethod
+    def from_json(cls, data):
+        _check_format(data, HEAD_GAINS_FORMAT)
+        return cls(data["model"], int(data["num_layers"]), int(data["num_kv_heads"]), data["policy"],
+                   float(data["fraction"]), tuple(tuple(float(v) for v in row) for row in data["values"]),
+                   data.get("source", ""))
+
+
+@dataclass(frozen=True)
+class CalibratedHeads:
+    """Per-KV-head budgets from a calibrated head-gain profile: a head whose loss falls more
+    when it keeps its whole context keeps more of it (the heads of one layer differ far more,
+    and more steadily across texts, than the layers do).
+
+        w[l, h] = (max(g[l, h], 0) + prior * mean_(l, h) max(g, 0))^gamma
+        b[s, l, h] = clamp(lam_s * w[l, h], floor * base, cap * base)   (and what a head can hold)
+        sum_(l, h) b[s, l, h] = Hkv * L * floor(base)                   (equal KV held: uniform's total)
+    g: the HeadGains values; with a tuple of HeadGains (one model and policy, measured at
+    different fractions) each sequence uses the one whose fraction is nearest to its base
+    budget / prompt length (ties: the smaller). prior > 0 shrinks the spread toward uniform and
+    keeps a head of no measured gain above zero; lam_s by water-filling, integers by largest
+    remainder. Returns a per-head plan: budgets int32 [B, L, Hkv] (SqueezeKVCache then holds
+    one row per sequence and KV head).
+    """
+
+    gains: object
+    gamma: float = 1.0
+    floor: float = 0.5
+    cap: float = 3.0
+    prior: float = 0.5
+
+    uses_groups = False
+    per_head = True
+
+    def __post_init__(self):
+        profiles = self.profiles
+        if not profiles or not all(isinstance(g, HeadGains) for g in profiles):
+            raise ValueError("gains: expected HeadGains or a non-empty tuple of them")
+        first = profiles[0]
+        if any((g.model, g.num_layers, g.num_kv_heads, g.policy) != (first.model, first.num_layers,
+                                                                     first.num_kv_heads, first.policy)
+               for g in profiles) or len({g.fraction for g in profiles}) != len(profiles):
+            raise ValueError("gains: the head gains must share model, layers, heads and policy, at distinct fractions")
+        _check_spread(self.gamma, self.floor, self.cap)
+        if not self.prior > 0:
+            raise ValueError(f"prior: expected > 0, got {self.prior}")
+
+    @property
+    def profiles(self):
+        """The HeadGains as a tuple sorted by fraction."""
+        gains = self.gains if isinstance(self.gains, tuple) else (self.gains,)
+        return tuple(sorted(gains, key=lambda g: getattr(g, "fraction", 0)))
+
+    def allocate(self, request):
+        B, L = request.similarity.shape
+        profiles = self.profiles
+        if profiles[0].num_layers != L:
+            raise ValueError(f"gains: measured on {profiles[0].num_layers} layers, the model has {L}")
+        heads = profiles[0].num_kv_heads
+        device = request.similarity.device
+        fractions = _on_device(tuple(g.fraction for g in profiles), torch.float64, device)
+        values = _on_device(tuple(g.values for g in profiles), torch.float64, device)  # [K, L, Hkv]
+        fraction = request.base.double()[:, None] / request.prompt_lens.double()[:, None].clamp_min(1)
+        g = values[(fraction - fractions).abs().argmin(dim=1)].reshape(B, L * heads).clamp_min(0)
+        mean = g.mean(1, keepdim=True)
+        w = torch.where(mean > 0, (g + self.prior * mean).pow(self.gamma), torch.ones_like(g))
+        base = request.base.double()[:, None]
+        lo, hi = (t.repeat_interleave(heads, 1) for t in request.bounds(low=self.floor * base, high=self.cap * base))
+        total = request.total() * heads
+        x = round_to_total(water_fill(w, total, lo, hi), total, hi)
+        labels, centroids = _groups(request.similarity, REPORTED_GROUPS)
+        return x.view(B, L, heads), labels, centroids
+
+    def describe(self):
+        extra = "" if self.prior == 0.5 else f" prior={self.prior:g}"
+        return f"calibrated heads gamma={self.gamma:g} floor={self.floor:g} cap={self.cap:g}{extra}"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ prefill to per-layer compressed caches, and the decode steps over them.
     per decode token, per layer: SqueezeKVCache.attend -> decode_step_ (append, attend, evict)
     then SqueezeKVCache.advance()                 ->      positions += 1
 
+Per-KV-head budgets (a per-head plan, budgets [B, L, Hkv], e.g. CalibratedHeads) need no other
+kernel: the cache folds the KV heads into the batch, one row per (sequence, KV head) holding one
+KV head, and a decode step views q [B, H, D] as [B * Hkv, H / Hkv, D] (query head j reads KV
+head j // (H / Hkv), as in GQA), so each row is a sequence of its own to the ops.
+
 Keys are cached after RoPE at their original positions (no re-numbering inside the cache, the
 common simplification of StreamingLLM); `positions` holds each sequence's next position
 explicitly, since layers hold different numbers of tokens. A decode step reads nothing back to
@@ -129,44 +134,53 @@ class SqueezeKVCache:
     then, per decode token, `attend` every layer in order and `advance` once.
 
     Tensors (on the prefill's device; K/V in the prompt K/V's dtype):
-      budgets        int32 [B, L]  tokens each sequence keeps in each layer (given to the ops)
-      planned        int32 [B, L]  the planner's budgets, before capping at T_b + max_new_tokens
+      budgets        int32 [B, L]  tokens each sequence keeps in each layer (given to the ops);
+                     [B, L, Hkv] per KV head when a plan is per head (per_head)
+      planned        the planner's budgets (same shape), before capping at T_b + max_new_tokens
       similarity     fp32 [B, L]   mean cos(x_in, x_mid) per layer; labels int32 [B, L] and
                      centroids fp32 [B, k] of its grouping (-1 / NaN where no plan was made,
                      i.e. for the full cache)
       positions      int32 [B]     position of each sequence's next token
       kv             the one K/V allocation: layer after layer, its K then its V
-      k_cache[l], v_cache[l]       views [B, Hkv, C_l, D] into kv, C_l = capacities[l]
-      lens[l] int32 [B], slot_pos[l] int32 [B, Hkv, C_l], scores[l] fp32 [B, Hkv, C_l]:
+      k_cache[l], v_cache[l]       views [R, h, C_l, D] into kv, C_l = capacities[l]; rows R = B
+                     and h = Hkv, or per head R = B * Hkv rows (sequence-major) of h = 1 head
+      lens[l] int32 [R], slot_pos[l] int32 [R, h, C_l], scores[l] fp32 [R, h, C_l]:
                      views into one int32 and one fp32 side table
-    Capacity C_l = max over the batch of budgets[:, l] + 1: the slot the new token is appended
-    to before eviction brings the layer back to its budget.
+    Capacity C_l = max over the rows of their budget in layer l + 1: the slot the new token is
+    appended to before eviction brings the layer back to its budget.
     """
 
     def __init__(self, policy, budgets, planned, plan, positions, num_kv_heads, head_dim, dtype, full_tokens):
         self.policy = policy
         self.budgets, self.planned = budgets, planned
         self.similarity, self.labels, self.centroids = plan
-        self.positions = positions
-        self.batch, num_layers = budgets.shape
+        self.batch, num_layers = budgets.shape[:2]
+        self.num_kv_heads = num_kv_heads
+        self.per_head = budgets.dim() == 3
+        if self.per_head and budgets.shape[2] != num_kv_heads:
+            raise ValueError(f"budgets: expected per-head budgets [B, L, {num_kv_heads}], got {tuple(budgets.shape)}")
+        rows, heads = (self.batch * num_kv_heads, 1) if self.per_head else (self.batch, num_kv_heads)
+        # Each row's next position; `positions` is the view of one per sequence.
+        self._positions = positions.to(torch.int32)[:, None].repeat(1, rows // self.batch)
         device = budgets.device
+        # Row l of the layer-major copy is layer l's budget per cache row, contiguous.
+        self._layer_budget = (budgets.transpose(0, 1) if self.per_head else budgets.t()).reshape(num_layers, rows)
+        self._layer_budget = self._layer_budget.contiguous()
         # Read once per request, outside the decode loop: the allocation needs host sizes.
-        self.capacities = [int(c) + 1 for c in budgets.max(dim=0).values.tolist()]
-        # Row l of the transposed copy is layer l's per-sequence budget, contiguous.
-        self._layer_budget = budgets.t().contiguous()
+        self.capacities = [int(c) + 1 for c in self._layer_budget.max(dim=1).values.tolist()]
         self._full_tokens = full_tokens
         self._record_bytes = self._fork_bytes = 0
 
-        shapes = [(self.batch, num_kv_heads, c, head_dim) for c in self.capacities]
-        kv_sizes = [self.batch * num_kv_heads * c * head_dim for c in self.capacities]
-        slot_sizes = [self.batch * num_kv_heads * c for c in self.capacities]
+        shapes = [(rows, heads, c, head_dim) for c in self.capacities]
+        kv_sizes = [rows * heads * c * head_dim for c in self.capacities]
+        slot_sizes = [rows * heads * c for c in self.capacities]
         self.kv = torch.empty(2 * sum(kv_sizes), dtype=dtype, device=device)
-        self._index = torch.full((num_layers * self.batch + sum(slot_sizes),), -1, dtype=torch.int32, device=device)
+        self._index = torch.full((num_layers * rows + sum(slot_sizes),), -1, dtype=torch.int32, device=device)
         self._score = torch.zeros(sum(slot_sizes), dtype=torch.float32, device=device)
 
-        self.lens = list(self._index[: num_layers * self.batch].view(num_layers, self.batch).zero_())
+        self.lens = list(self._index[: num_layers * rows].view(num_layers, rows).zero_())
         kv_parts = self.kv.split([n for size in kv_sizes for n in (size, size)])
-        pos_parts = self._index[num_layers * self.batch :].split(slot_sizes)
+        pos_parts = self._index[num_layers * rows :].split(slot_sizes)
         score_parts = self._score.split(slot_sizes)
         self.k_cache = [kv_parts[2 * i].view(shape) for i, shape in enumerate(shapes)]
         self.v_cache = [kv_parts[2 * i + 1].view(shape) for i, shape in enumerate(shapes)]
@@ -176,6 +190,11 @@ class SqueezeKVCache:
     @property
     def num_layers(self):
         return len(self.capacities)
+
+    @property
+    def positions(self):
+        """int32 [B]: each sequence's next position (a view; advance() moves it)."""
+        return self._positions[:, 0]
 
     @classmethod
     def build(cls, record, policy, settings, max_new_tokens, source=None):
@@ -212,16 +231,18 @@ class SqueezeKVCache:
         device = record.cos_sum.device
         prompt_lens = torch.tensor([record.prompt_lens[i] for i in source], dtype=torch.int32, device=device)
         horizon = prompt_lens + max_new_tokens
-        planned, plan = _plan(record, source, settings, prompt_lens, horizon, policy)
-        budgets = torch.minimum(planned, horizon[:, None])
+        num_kv_heads = record.keys[0].shape[1]
+        planned, plan = _plan(record, source, settings, prompt_lens, horizon, policy, num_kv_heads)
+        budgets = torch.minimum(planned, horizon.view(-1, *[1] * (planned.dim() - 1)))
         k0 = record.keys[0]
-        cache = cls(policy, budgets, planned, plan, prompt_lens.clone(), k0.shape[1], k0.shape[2], k0.dtype,
+        cache = cls(policy, budgets, planned, plan, prompt_lens.clone(), num_kv_heads, k0.shape[2], k0.dtype,
                     full_tokens=max(record.prompt_lens[i] for i in source) + max_new_tokens)
         cache._record_bytes = record.nbytes
 
-        cu_seqlens, gather = _fork(record, source)
+        cu_seqlens, gather = _fork(record, source, num_kv_heads if cache.per_head else 1)
         for layer in range(record.num_layers):
-            k, v, s = record.keys[layer], record.values[layer], record.scores[layer]
+            k, v, s = (_rows(t, cache.per_head) for t in (record.keys[layer], record.values[layer],
+                                                          record.scores[layer]))
             if gather is not None:
                 k, v = k.index_select(0, gather), v.index_select(0, gather)
                 s = s.index_select(0, gather) if s.numel() else s
@@ -236,22 +257,29 @@ class SqueezeKVCache:
         """One decode step of one layer (decode_step_): append the new token's K/V [B, Hkv, D]
         at `positions`, attend q [B, H, D] over the layer's cache (softmax(scale * q.k)),
         accumulate H2O scores when the policy uses them, evict down to the layer's budget.
-        Returns [B, H, D] in q's dtype. Mutates this layer's K/V, lens, slot_pos, scores."""
-        return torch.ops.squeeze.decode_step_(
-            q, k_new, v_new, self.positions, self.k_cache[layer], self.v_cache[layer], self.lens[layer],
+        Returns [B, H, D] in q's dtype. Mutates this layer's K/V, lens, slot_pos, scores.
+        Per head, the same tensors are viewed as rows of one KV head (no copy when contiguous)."""
+        if self.per_head:
+            rows = self._positions.numel()
+            q = q.reshape(rows, -1, q.shape[-1])
+            k_new, v_new = k_new.reshape(rows, 1, -1), v_new.reshape(rows, 1, -1)
+        out = torch.ops.squeeze.decode_step_(
+            q, k_new, v_new, self._positions.view(-1), self.k_cache[layer], self.v_cache[layer], self.lens[layer],
             self.slot_pos[layer], self.scores[layer], self._layer_budget[layer], scale, self.policy.kind,
             self.policy.sinks, self.policy.recent_ratio, self.policy.needs_scores)
+        return out.view(self.batch, -1, out.shape[-1]) if self.per_head else out
 
     def advance(self):
         """Every layer has seen the current token: move each sequence to its next position."""
-        self.positions += 1
+        self._positions += 1
 
     def memory(self):
         """Byte accounting of this cache (see MemoryReport)."""
-        _, num_kv_heads, _, head_dim = self.k_cache[0].shape
+        head_dim = self.k_cache[0].shape[-1]
         kv_total = _nbytes(self.kv)
         metadata = _nbytes(self._index) + _nbytes(self._score)
-        full = self.num_layers * self.batch * 2 * num_kv_heads * self._full_tokens * head_dim * self.kv.element_size()
+        full = (self.num_layers * self.batch * 2 * self.num_kv_heads * self._full_tokens * head_dim
+                * self.kv.element_size())
         return MemoryReport(
             kv_per_layer=[_nbytes(k) + _nbytes(v) for k, v in zip(self.k_cache, self.v_cache)],
             kv_total=kv_total,
@@ -283,15 +311,18 @@ def _strategies(settings):
     return [s.strategy for s in settings if s is not None]
 
 
-def _plan(record, source, settings, prompt_lens, horizon, policy):
-    """Budgets [B, L] per sequence by its settings; sequences sharing settings are planned in
-    one planner call, whose diagnostics warn when it wastes budget or degenerates. The full
-    cache (settings None) keeps T_b + max_new_tokens everywhere."""
+def _plan(record, source, settings, prompt_lens, horizon, policy, num_kv_heads):
+    """Budgets [B, L] per sequence by its settings, [B, L, Hkv] when any allocator plans per
+    head (the others' layer budgets then hold for each of the layer's heads); sequences sharing
+    settings are planned in one planner call, whose diagnostics warn when it wastes budget or
+    degenerates. The full cache (settings None) keeps T_b + max_new_tokens everywhere."""
     batch, num_layers = len(source), record.num_layers
     device = record.cos_sum.device
     cos_sum = record.cos_sum[:, source]
     similarity = record.similarity[source]
-    planned = horizon[:, None].expand(batch, num_layers).contiguous()
+    per_head = any(getattr(strategy, "per_head", False) for strategy in _strategies(settings))
+    shape = (batch, num_layers, num_kv_heads) if per_head else (batch, num_layers)
+    planned = horizon.view(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous()
     labels = torch.full((batch, num_layers), -1, dtype=torch.int32, device=device)
     plans = []
     for setting in dict.fromkeys(s for s in settings if s is not None):
@@ -318,7 +349,11 @@ def _plan(record, source, settings, prompt_lens, horizon, policy):
             max_budget=horizon[rows] if setting.clamp else None, observed=observed,
             policy=policy, perturbation=perturbation)
         diagnose(plan, horizon[rows], setting.strategy, sequences=members)
-        planned[rows] = plan.budgets.to(torch.int32)
+        budgets = plan.budgets.to(torch.int32)
+        if budgets.dim() == 3 and budgets.shape[2] != num_kv_heads:
+            raise ValueError(f"settings: {setting.strategy.describe()} plans {budgets.shape[2]} KV heads per layer, "
+                             f"the model has {num_kv_heads}")
+        planned[rows] = budgets if budgets.dim() == len(shape) else budgets[..., None]
         labels[rows] = plan.labels.to(torch.int32)
         plans.append((rows, plan.centroids))
     width = max((c.shape[1] for _, c in plans), default=1)
@@ -328,15 +363,24 @@ def _plan(record, source, settings, prompt_lens, horizon, policy):
     return planned, (similarity, labels, centroids)
 
 
-def _fork(record, source):
-    """cu_seqlens of the cache's sequences and the token gather index that builds their
-    packed prompts (None when the cache takes the prompts as they are)."""
-    if source == list(range(len(record.prompt_lens))):
+def _rows(packed, per_head):
+    """A packed per-layer prompt tensor [T_total, Hkv, ...] as the rows the cache compresses:
+    itself, or per head [T_total * Hkv, 1, ...] (token-major: row t * Hkv + h; a view of the
+    contiguous tensors a prefill records)."""
+    return packed.reshape(packed.shape[0] * packed.shape[1], 1, *packed.shape[2:]) if per_head else packed
+
+
+def _fork(record, source, heads):
+    """cu_seqlens of the cache's rows and the gather index that builds their packed prompts
+    from _rows of the record's tensors (None when the cache takes the prompts as they are).
+    Rows: the sequences (heads = 1), or per head the (sequence, KV head) pairs, sequence-major."""
+    if heads == 1 and source == list(range(len(record.prompt_lens))):
         return record.cu_seqlens, None
     device = record.cu_seqlens.device
     starts = torch.cumsum(torch.tensor([0] + record.prompt_lens), 0).tolist()
-    lens = [record.prompt_lens[i] for i in source]
-    gather = torch.cat([torch.arange(starts[i], starts[i] + record.prompt_lens[i]) for i in source])
-    cu = torch.zeros(len(source) + 1, dtype=torch.int32)
+    lens = [record.prompt_lens[i] for i in source for _ in range(heads)]
+    gather = torch.cat([torch.arange(starts[i], starts[i] + record.prompt_lens[i]) * heads + h
+                        for i in source for h in range(heads)])
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
     return cu.to(device), gather.to(device)

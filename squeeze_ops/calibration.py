@@ -12,6 +12,9 @@ the context. The L x len(fractions) settings of one window decode as batches of 
     ...
     allocator = Calibrated(SensitivityProfile.load("models/smollm2/sensitivity.h2o.json"))
 
+Head gains for the CalibratedHeads allocator: measure_head_gains gives every KV head of every
+layer, in turn, its whole context while the others keep the operating point's budget.
+
 Layer gains for the Perturbation allocator: fit_gains relates in-context profiles to the mean
 residual perturbation of the same windows (one number per layer and policy, saved the same way).
 
@@ -21,7 +24,7 @@ tuple of them and uses, per sequence, the one nearest to its budget.
 """
 import torch
 
-from .allocators import LayerGains, SensitivityProfile, _interpolate, perturbation_knots
+from .allocators import HeadGains, LayerGains, SensitivityProfile, _interpolate, perturbation_knots
 from .evaluation import score_batch
 from .policies import SqueezeSettings
 
@@ -35,6 +38,32 @@ def in_context_fractions(context):
     """The fractions measured around the operating point `context`; context < 1 / 1.75 keeps
     them all below the full prompt."""
     return tuple(m * context for m in IN_CONTEXT_MULTIPLES)
+
+
+def _mean_loss_changes(runner, windows, policy, cells, reference, budgets_of, batch, progress, label):
+    """Per cell, the mean over windows of (mean NLL of the continuation with the cell's budgets)
+    - (mean NLL with the reference budgets), teacher-forced through the library's decode path;
+    the cells of one window decode as batches of one cache (per-sequence budgets, prompts forked).
+    reference(T, G) / budgets_of(T, G, cell): the budgets SqueezeSettings.fixed takes (None:
+    the full cache) for a prompt of T tokens and G continuation tokens. float64 [len(cells)]."""
+    totals = torch.zeros(len(cells), dtype=torch.float64)
+    for w, (prompt, continuation) in enumerate(windows):
+        record, first = runner.prefill([prompt], scores=policy.needs_scores, score_window=policy.score_window)
+        T, gen = len(prompt), len(continuation)
+        targets = continuation[None].to(runner.device)
+
+        def nll_of(budgets):
+            settings = [None if b is None else SqueezeSettings.fixed(b) for b in budgets]
+            _, nll, _ = score_batch(runner, (record, first), targets, policy, settings, "", lambda *_: None)
+            return nll.double().mean(1)
+
+        base = nll_of([reference(T, gen)])[0]
+        for start in range(0, len(cells), batch):
+            chunk = range(start, min(start + batch, len(cells)))
+            if progress is not None:
+                progress(f"{label}: window {w + 1}/{len(windows)}, settings {chunk.stop}/{len(cells)}")
+            totals[start : chunk.stop] += nll_of([budgets_of(T, gen, cells[i]) for i in chunk]) - base
+    return totals / len(windows)
 
 
 def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS, batch=64, source="",
@@ -55,35 +84,51 @@ def measure_profile(runner, windows, policy, model, fractions=DEFAULT_FRACTIONS,
         raise ValueError(f"context: expected a fraction of the prompt in (0, 1], got {context}")
     num_layers = runner.num_layers
     cells = [(j, layer) for j, f in enumerate(fractions) if f != context for layer in range(num_layers)]
-    totals = torch.zeros(len(fractions), num_layers, dtype=torch.float64)
-    for w, (prompt, continuation) in enumerate(windows):
-        record, first = runner.prefill([prompt], scores=policy.needs_scores, score_window=policy.score_window)
-        gen = len(continuation)
-        full = len(prompt) + gen
-        targets = continuation[None].to(runner.device)
 
-        def nll_of(settings):
-            _, nll, _ = score_batch(runner, (record, first), targets, policy, settings, "", lambda *_: None)
-            return nll.double().mean(1)
+    def others(T, gen):  # the operating point as the uniform allocation gives it: floor(context * T) per layer
+        return T + gen if context == 1 else max(1, int(context * T))
 
-        # The operating point as the uniform allocation gives it: floor(context * T) per layer.
-        others = full if context == 1 else max(1, int(context * len(prompt)))
-        reference = nll_of([None if context == 1 else SqueezeSettings.fixed([others] * num_layers)])[0]
-        for start in range(0, len(cells), batch):
-            chunk = cells[start : start + batch]
-            if progress is not None:
-                progress(f"calibrating {policy.describe()} at {context:g}: window {w + 1}/{len(windows)}, "
-                         f"settings {start + len(chunk)}/{len(cells)}")
-            settings = []
-            for j, layer in chunk:
-                budgets = [others] * num_layers
-                budgets[layer] = max(1, round(fractions[j] * len(prompt)))
-                settings.append(SqueezeSettings.fixed(budgets))
-            for (j, layer), nll in zip(chunk, nll_of(settings)):
-                totals[j, layer] += nll - reference
-    values = totals / len(windows)
+    def budgets_of(T, gen, cell):
+        j, layer = cell
+        budgets = [others(T, gen)] * num_layers
+        budgets[layer] = max(1, round(fractions[j] * T))
+        return budgets
+
+    changes = _mean_loss_changes(
+        runner, windows, policy, cells, lambda T, gen: None if context == 1 else [others(T, gen)] * num_layers,
+        budgets_of, batch, progress, f"calibrating {policy.describe()} at {context:g}")
+    values = torch.zeros(len(fractions), num_layers, dtype=torch.float64)
+    for (j, layer), change in zip(cells, changes.tolist()):
+        values[j, layer] = change
     return SensitivityProfile(model, num_layers, policy.describe(), tuple(fractions),
                               tuple(tuple(row) for row in values.tolist()), source, context)
+
+
+def measure_head_gains(runner, windows, policy, model, fraction, batch=32, source="", progress=None):
+    """HeadGains of `runner`'s model under `policy` at the operating point `fraction`.
+
+    values[l][h] = mean over windows of (mean NLL with every (layer, KV head) at
+    floor(fraction * T) tokens) - (the same with KV head h of layer l at its full cache,
+    T + G tokens), nats/token: what that head alone gains from its whole context. One window
+    decodes 1 + L * Hkv settings (per-head caches, Hkv rows each), `batch` sequences at a time.
+    windows, progress: as in measure_profile.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction: expected a fraction of the prompt in (0, 1), got {fraction}")
+    num_layers, heads = runner.num_layers, runner.num_kv_heads
+    cells = [(layer, h) for layer in range(num_layers) for h in range(heads)]
+
+    def budgets_of(T, gen, cell):
+        rows = [[max(1, int(fraction * T))] * heads for _ in range(num_layers)]
+        rows[cell[0]][cell[1]] = T + gen
+        return rows
+
+    changes = _mean_loss_changes(
+        runner, windows, policy, cells, lambda T, gen: [max(1, int(fraction * T))] * num_layers, budgets_of,
+        batch, progress, f"head gains {policy.describe()} at {fraction:g}")
+    values = (-changes).view(num_layers, heads)
+    return HeadGains(model, num_layers, heads, policy.describe(), fraction,
+                     tuple(tuple(row) for row in values.tolist()), source)
 
 
 def fit_gains(runner, windows, policy, profiles, model, window=32, source="", min_share=0.01):

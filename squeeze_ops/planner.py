@@ -33,7 +33,7 @@ GROUP_TOLERANCE = 0.75
 
 
 class BudgetPlan(NamedTuple):
-    budgets: torch.Tensor  # int32 [B, L]: KV tokens that layer l of sequence b keeps
+    budgets: torch.Tensor  # int32 [B, L]: KV tokens that layer l of sequence b keeps ([B, L, Hkv]: per KV head)
     labels: torch.Tensor  # int32 [B, L]: group of each layer, 0 = least similar (most important)
     centroids: torch.Tensor  # fp32 [B, k]: mean similarity of each group (NaN: empty group)
     similarity: torch.Tensor  # fp32 [B, L]: mean cosine similarity of each layer
@@ -73,8 +73,9 @@ def allocate(
         with score_window = W), and policy: the SequencePolicy; needed by Coverage only.
     perturbation: fp32 [B, L, KNOTS + 1], per layer attention_perturbation's curve of the
         policy the caches evict with; needed by Perturbation only.
-    Returns a BudgetPlan (budgets int32 [B, L], labels, centroids, similarity), all on cos_sum's
-    device, without reading anything back to the host.
+    Returns a BudgetPlan (budgets int32 [B, L], or [B, L, Hkv] for a per-head allocator such as
+    CalibratedHeads; labels, centroids, similarity), all on cos_sum's device, without reading
+    anything back to the host.
     """
     _meta.check_dtype(cos_sum, torch.float32, "cos_sum")
     _meta.check_rank(cos_sum, 2, "cos_sum")
@@ -112,7 +113,8 @@ def allocate(
     if max_budget is not None:
         if not isinstance(max_budget, torch.Tensor):
             max_budget = torch.full((B,), int(max_budget), dtype=torch.int32, device=cos_sum.device)
-        budgets = torch.minimum(budgets, max_budget.to(budgets.dtype)[:, None])
+        cap = max_budget.to(budgets.dtype).view(B, *[1] * (budgets.dim() - 1))
+        budgets = torch.minimum(budgets, cap)
     return BudgetPlan(budgets, labels, centroids, similarity)
 
 
@@ -328,8 +330,8 @@ class Diagnostics:
     """What a plan does with its budget, per sequence (host data; see `diagnose`).
 
     similarity [B][L], labels [B][L] (group of each layer, 0 = most important),
-    group_sizes [B][k], nominal [B][L] (the plan's budgets), effective [B][L]
-    (min(nominal, capacity): what a layer can actually hold), waste [B] (share of the nominal
+    group_sizes [B][k], nominal [B][L] (the plan's budgets; [B][L][Hkv] for a per-head plan),
+    effective (min(nominal, capacity): what a layer can actually hold), waste [B] (share of the nominal
     total that no layer can hold), largest_group [B] (share of the layers in the largest
     group), messages: the warnings raised.
     """
@@ -347,9 +349,14 @@ class Diagnostics:
         """Markdown: per layer of sequence b its similarity, group, nominal and effective budget."""
         lines = ["| layer | similarity | group | nominal | effective |", "|---|---|---|---|---|"]
         for layer, sim in enumerate(self.similarity[b]):
-            lines.append(f"| {layer} | {sim:.4f} | G{self.labels[b][layer] + 1} | {self.nominal[b][layer]} | "
-                         f"{self.effective[b][layer]} |")
+            nominal, effective = budget_text(self.nominal[b][layer]), budget_text(self.effective[b][layer])
+            lines.append(f"| {layer} | {sim:.4f} | G{self.labels[b][layer] + 1} | {nominal} | {effective} |")
         return "\n".join(lines)
+
+
+def budget_text(budget):
+    """A layer's budget (Diagnostics.nominal[b][l]), or its heads' budgets joined by '/'."""
+    return "/".join(map(str, budget)) if isinstance(budget, list) else str(budget)
 
 
 def diagnose(plan, capacity, allocator=None, *, sequences=None, waste_tolerance=WASTE_TOLERANCE,
@@ -366,13 +373,13 @@ def diagnose(plan, capacity, allocator=None, *, sequences=None, waste_tolerance=
     (the squeeze degenerates: nearly every layer squeezed, or nearly none).
     """
     budgets = plan.budgets.cpu()
-    B, L = budgets.shape
+    B, L = budgets.shape[:2]
     capacity = torch.as_tensor(capacity).cpu().expand(B)
-    effective = torch.minimum(budgets, capacity[:, None].to(budgets.dtype))
+    effective = torch.minimum(budgets, capacity.to(budgets.dtype).view(B, *[1] * (budgets.dim() - 1)))
     labels = plan.labels.cpu()
     k = plan.centroids.shape[1]
     sizes = torch.stack([(labels == g).sum(1) for g in range(k)], 1)
-    waste = (1 - effective.sum(1).double() / budgets.sum(1).double().clamp_min(1)).tolist()
+    waste = (1 - effective.flatten(1).sum(1).double() / budgets.flatten(1).sum(1).double().clamp_min(1)).tolist()
     largest = (sizes.max(1).values.double() / L).tolist()
     grouped = allocator is None or allocator.uses_groups
     names = list(range(B)) if sequences is None else list(sequences)
@@ -380,12 +387,12 @@ def diagnose(plan, capacity, allocator=None, *, sequences=None, waste_tolerance=
     wasteful = [b for b in range(B) if waste[b] > waste_tolerance]
     if wasteful:
         b = max(wasteful, key=lambda i: waste[i])
-        over = [layer for layer in range(L) if budgets[b, layer] > capacity[b]]
+        over = [layer for layer in range(L) if bool((budgets[b, layer] > capacity[b]).any())]
         messages.append(
             f"wasted budget in sequences {[names[i] for i in wasteful]}: up to {100 * waste[b]:.1f}% of the "
             f"budget can never be used (sequence {names[b]}: layers {over} were given more tokens than they can "
             f"hold, {int(capacity[b])}); an allocator that redistributes (Squeeze(clamp=True), Continuous, "
-            f"Pyramid, Calibrated, Coverage, Perturbation) uses it")
+            f"Pyramid, Calibrated, Coverage, Perturbation, CalibratedHeads) uses it")
     degenerate = [b for b in range(B) if grouped and largest[b] > group_tolerance]
     if degenerate:
         b = max(degenerate, key=lambda i: largest[i])

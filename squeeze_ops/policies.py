@@ -119,9 +119,12 @@ class SqueezeSettings:
 
     @classmethod
     def fixed(cls, budgets):
-        """Explicit per-layer budgets in tokens (allocators.Fixed; the base budget, which Fixed
-        ignores, is set to 1): for measuring sensitivities and replaying a schedule."""
-        return cls(base_tokens=1, allocator=Fixed(tuple(int(b) for b in budgets)))
+        """Explicit budgets in tokens, L per-layer ones or L rows of Hkv per-head ones
+        (allocators.Fixed; the base budget, which Fixed ignores, is set to 1): for measuring
+        sensitivities and replaying a schedule."""
+        rows = [b.tolist() if hasattr(b, "tolist") else b for b in budgets]
+        return cls(base_tokens=1, allocator=Fixed(tuple(
+            tuple(int(x) for x in b) if isinstance(b, (list, tuple)) else int(b) for b in rows)))
 
     @property
     def strategy(self):

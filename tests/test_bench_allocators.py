@@ -1,6 +1,6 @@
 """The allocator evaluation's pure parts (bench/allocators.py): held-out window placement (evenly
 spread and one by one), the overlap with earlier runs' windows, the tuning's criteria, paired
-differences and the scored-length section."""
+differences, the scored-length section and the per-head family."""
 import math
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 from bench import allocators as ba
 from squeeze_ops import evaluation as ev
-from squeeze_ops.allocators import Continuous, Uniform
+from squeeze_ops.allocators import CalibratedHeads, Continuous, HeadGains, SensitivityProfile, Uniform
 
 
 def test_shift_zero_gives_the_evaluation_windows():
@@ -124,3 +124,16 @@ def test_scored_length_section_reports_both_lengths():
     all_mean, all_se = ba.mean_se([-0.1, -0.2, 0.3, -0.4])
     assert cols == ["streaming", "20%", cont.describe(), f"{head_mean:+.4f} ± {head_se:.4f}", "1/4",
                     f"{all_mean:+.4f} ± {all_se:.4f}", "3/4"]
+
+
+def test_head_family_and_its_key():
+    """The per-head family is offered only with head gains, and its cache key follows the gains' content."""
+    def gains(scale):
+        return HeadGains("m", 2, 2, "streaming(4 sinks)", 0.3, ((0.01 * scale, 0.0), (0.0, 0.02)))
+
+    profile = SensitivityProfile("m", 2, "streaming(4 sinks)", (0.1,), ((0.0, 0.0),))
+    assert ba.HEADS not in ba.candidates(profile)
+    family = ba.candidates(profile, head_gains=(gains(1),))[ba.HEADS]
+    assert len(family) == 6 and all(isinstance(a, CalibratedHeads) and a.per_head for a in family)
+    a, b = CalibratedHeads((gains(1),)), CalibratedHeads((gains(2),))
+    assert a.describe() == b.describe() and ba.key(a) != ba.key(b) and ba.key(a) == ba.key(CalibratedHeads(gains(1)))

@@ -189,12 +189,14 @@ def test_build_rejects_bad_requests():
 
 
 @pytest.mark.cuda
-def test_decode_step_never_syncs_on_gpu():
+@pytest.mark.parametrize("settings", [SqueezeSettings(b_init=0.3, p=0.5), SqueezeSettings.fixed([[3, 9]] * L)],
+                         ids=["per-layer", "per-head"])
+def test_decode_step_never_syncs_on_gpu(settings):
     record = _record([33, 17], dtype=torch.float16)
     for name in ("keys", "values", "scores"):
         setattr(record, name, [t.cuda() for t in getattr(record, name)])
     record.cu_seqlens, record.cos_sum = record.cu_seqlens.cuda(), record.cos_sum.cuda()
-    cache = SqueezeKVCache.build(record, SequencePolicy.h2o(), SqueezeSettings(b_init=0.3, p=0.5), 4)
+    cache = SqueezeKVCache.build(record, SequencePolicy.h2o(), settings, 4)
     q, kv = torch.randn(2, 2 * HKV, D, device="cuda", dtype=torch.float16), torch.randn(2, HKV, D, device="cuda",
                                                                                        dtype=torch.float16)
     torch.cuda.synchronize()

@@ -8,9 +8,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from squeeze_ops.allocators import KNOTS, Coverage, Perturbation  # noqa: E402
+from squeeze_ops.allocators import KNOTS, CalibratedHeads, Coverage, Perturbation  # noqa: E402
 from squeeze_ops.cache import SqueezeKVCache  # noqa: E402
-from squeeze_ops.calibration import fit_gains, measure_profile  # noqa: E402
+from squeeze_ops.calibration import fit_gains, measure_head_gains, measure_profile  # noqa: E402
 from squeeze_ops.llama import LlamaRunner  # noqa: E402
 from squeeze_ops.policies import SequencePolicy, SqueezeSettings  # noqa: E402
 
@@ -166,6 +166,34 @@ def test_measure_profile_is_the_nll_change_of_one_layer(tiny, context):
     assert prof.values[0][layer] != 0 and prof.values[0][layer] == pytest.approx(nll(budgets) - reference, abs=1e-5)
     if context == 0.5:
         assert all(v == 0 for v in prof.values[1])  # the context itself is not decoded
+
+
+def test_measure_head_gains_is_the_nll_fall_of_one_full_head(tiny):
+    """values[l][h] = NLL with every head at floor(fraction * T) minus NLL with KV head h of
+    layer l alone at its full cache; CalibratedHeads over them plans per-head caches that the
+    runner decodes, holding uniform's total."""
+    model, prompts, targets = tiny
+    runner = LlamaRunner(model)
+    prompt, continuation = prompts[2], targets[2, :5]
+    policy = SequencePolicy.streaming(1)
+    gains = measure_head_gains(runner, [(prompt, continuation)], policy, "tiny", 0.25, batch=3)
+    assert (gains.num_layers, gains.num_kv_heads, gains.fraction) == (runner.num_layers, runner.num_kv_heads, 0.25)
+    record, first = runner.prefill([prompt])
+    n, L, heads = len(prompt), runner.num_layers, runner.num_kv_heads
+
+    def nll(budgets):
+        cache = SqueezeKVCache.build(record, policy, SqueezeSettings.fixed(budgets), len(continuation))
+        return runner.score(cache, first, continuation[None])[0].double().mean().item()
+
+    rows = [[int(0.25 * n)] * heads for _ in range(L)]
+    rows[2][1] = n + len(continuation)
+    assert gains.values[2][1] != 0
+    assert gains.values[2][1] == pytest.approx(nll([int(0.25 * n)] * L) - nll(rows), abs=1e-5)
+    settings = SqueezeSettings(b_init=0.5, allocator=CalibratedHeads(gains))
+    tokens, cache = runner.generate(prompts, policy, settings, 3)
+    assert tokens.shape == (len(LENS), 3) and cache.per_head
+    assert cache.budgets.flatten(1).sum(1).tolist() == [L * heads * int(0.5 * n) for n in LENS]
+    assert cache.positions.tolist() == [n + 2 for n in LENS]
 
 
 def test_fit_gains_reads_the_runners_perturbation(tiny):
