@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocators import Continuous, Coverage, LayerGains, Perturbation, Uniform
+from .allocators import CalibratedHeads, Continuous, Coverage, HeadGains, LayerGains, Perturbation, Uniform
 from .cache import SqueezeKVCache, needs_perturbation, observation_window
 from .llama import LlamaRunner
 from .policies import SequencePolicy, SqueezeSettings
@@ -168,17 +168,17 @@ def tokenize(tokenizer, text):
 
 
 def recommended_allocator(policy, fraction):
-    """The layer allocator that the held-out evaluation recommends for SmolLM2-135M-Instruct
-    under `policy` ("window" | "streaming" | "h2o") at total budget `fraction` of the prompt
-    (README "Choosing an allocator"; the nearest measured budget of 10/20/30/50% decides).
+    """The allocator that the held-out evaluation recommends for SmolLM2-135M-Instruct under
+    `policy` ("window" | "streaming" | "h2o") at total budget `fraction` of the prompt (README
+    "Choosing an allocator"; the nearest measured budget of 10/20/30/50% decides).
 
     Rule, over the largest held-out evidence per cell (H2O: the 60 pooled windows of runs 4-6,
-    StreamingLLM: run 8's 40 windows scored over 512 tokens, at 30% with run 9's 40 more; window
-    and the 50% budgets: run 3):
+    StreamingLLM: run 8's 40 windows scored over 512 tokens, at 30% run 10's 30 windows of the
+    per-head allocator; window and the 50% budgets: run 3):
     the allocator that beats uniform in >= 70% of the windows, the larger mean gain if several
     do; where none does, the one of larger mean gain if that is at least two standard errors
     below zero; else Uniform(). Other models: the families carry over, the measured choice and
-    the streaming layer gains (a per-model file) do not.
+    the streaming layer and head gains (per-model files) do not.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {policy!r}")
@@ -192,6 +192,9 @@ def recommended_allocator(policy, fraction):
                 0.5: Coverage(gamma=1.0, floor=0.5, cap=2.0)}.get(budget, Perturbation(4.0, 0.5, 2.0))
     if budget == 0.5:
         return Uniform()
+    if budget == 0.3:
+        heads = HeadGains.load(os.path.join(PROFILE_DIR, f"{MODEL_NAME}.streaming.heads0.3.json"))
+        return CalibratedHeads(heads, gamma=1.0, floor=0.5, cap=3.0)
     gains = LayerGains.load(os.path.join(PROFILE_DIR, f"{MODEL_NAME}.streaming.gains.json"))
     return Perturbation(1.0, 0.5, 2.0, gains=gains)
 
@@ -231,7 +234,7 @@ class WindowResult:
     kept: dict                             # Cell -> mean layer budget (as held) / prompt length
     similarity: torch.Tensor               # [L]
     labels: torch.Tensor                   # [L] groups of the squeeze plan (k = 3)
-    budgets: dict                          # Cell -> budgets [L] as held (capped at P + G)
+    budgets: dict                          # Cell -> budgets [L] ([L, Hkv] per head) as held (capped at P + G)
 
 
 def score_batch(runner, prefill, targets, policy, settings, label, progress):

@@ -72,7 +72,8 @@ def test_summary_and_claims_follow_the_numbers():
 @pytest.mark.parametrize("policy, fraction, family", [
     ("window", 0.1, "Uniform"), ("window", 0.2, "Coverage"), ("window", 0.5, "Coverage"),
     ("h2o", 0.1, "Continuous"), ("h2o", 0.2, "Perturbation"), ("h2o", 0.3, "Perturbation"), ("h2o", 0.5, "Coverage"),
-    ("streaming", 0.1, "Perturbation"), ("streaming", 0.3, "Perturbation"), ("streaming", 0.5, "Uniform"),
+    ("streaming", 0.1, "Perturbation"), ("streaming", 0.2, "Perturbation"), ("streaming", 0.3, "CalibratedHeads"),
+    ("streaming", 0.5, "Uniform"),
     ("h2o", 0.14, "Continuous"), ("h2o", 0.16, "Perturbation"), ("streaming", 0.9, "Uniform")])
 def test_recommended_allocator_follows_the_measured_table(policy, fraction, family):
     allocator = ev.recommended_allocator(policy, fraction)
@@ -82,6 +83,10 @@ def test_recommended_allocator_follows_the_measured_table(policy, fraction, fami
         if allocator.gains is not None:
             assert allocator.gains.model == ev.MODEL_NAME and allocator.gains.num_layers == 30
             assert allocator.gains.policy == ev.POLICIES["streaming"].describe()
+    if family == "CalibratedHeads":  # per KV head, from the model's head gains at that budget
+        (gains,) = allocator.profiles
+        assert (gains.model, gains.num_layers, gains.num_kv_heads, gains.fraction) == (ev.MODEL_NAME, 30, 3, 0.3)
+        assert gains.policy == ev.POLICIES["streaming"].describe()
 
 
 def test_recommended_allocator_refuses_bad_arguments():
