@@ -70,7 +70,9 @@ EARLIER_TEST_WINDOWS = ((10, 32, (0.0, 0.5, 0.25, -0.25)),
                                      99943, 101339, 103457, 106291, 109781, 111190)),
                         (None, 512, (1533, 4345, 9266, 11288, 13483, 19730, 21918, 24027, 30987, 33165, 35274, 43006,
                                      45057, 47223, 55659, 57767, 65500, 68311, 75468, 77449, 80261, 86676, 88696,
-                                     91508, 96483, 99240, 102052, 104890, 109093, 111893)))
+                                     91508, 96483, 99240, 102052, 104890, 109093, 111893)),
+                        (None, 512, (2846, 9968, 20512, 25358, 36615, 46521, 64756, 69014, 80964, 90083, 100646,
+                                     107692)))
 
 
 def candidates(profile, in_context=None, gains=None, head_gains=None):
@@ -202,11 +204,12 @@ def evaluate_window(runner, prompt, continuation, cells, cache_file, progress):
     return done
 
 
-def paired(results, pol, frac, alloc, baseline=Uniform(), field="nll"):
-    """Per-window NLL differences of a cell vs the baseline at the same policy and budget (field
-    "nll_head": over the first HEAD_TOKENS scored tokens only)."""
+def paired(results, pol, frac, alloc, baseline=Uniform(), field="nll", baseline_frac=None):
+    """Per-window NLL differences of a cell vs the baseline at the same policy and budget (or at
+    baseline_frac; field "nll_head": over the first HEAD_TOKENS scored tokens only)."""
     a = [r["cells"][f"{pol}|{frac:g}|{key(alloc)}"][field] for r in results]
-    b = [r["cells"][f"{pol}|{frac:g}|{key(baseline)}"][field] for r in results]
+    b = [r["cells"][f"{pol}|{frac if baseline_frac is None else baseline_frac:g}|{key(baseline)}"][field]
+         for r in results]
     return [x - y for x, y in zip(a, b)]
 
 
@@ -616,8 +619,11 @@ def targets(best_by_cell, tested, chosen, policies, fractions):
         best, d = min(at20, key=lambda t: t[1])
         ok = d <= u30
         holds += ok and pol in aims
+        diffs = paired(tested, pol, 0.2, best, baseline_frac=0.3)
+        m, se = mean_se(diffs)
         out.append(f"  {pol}: uniform @30% {u30:+.4f}; best @20% {best.describe()} {d:+.4f} -> "
-                   f"{'holds' if ok else 'does not hold'}")
+                   f"{'holds' if ok else 'does not hold'} (paired {m:+.4f} ± {se:.4f}, "
+                   f"{sum(x <= 0 for x in diffs)}/{len(diffs)} windows no worse)")
     out.append(f"  -> {'MET' if holds == len(aims) else 'NOT MET'} for {' and '.join(aims)} ({holds}/{len(aims)}).")
     return out
 

@@ -137,3 +137,13 @@ def test_head_family_and_its_key():
     assert len(family) == 6 and all(isinstance(a, CalibratedHeads) and a.per_head for a in family)
     a, b = CalibratedHeads((gains(1),)), CalibratedHeads((gains(2),))
     assert a.describe() == b.describe() and ba.key(a) != ba.key(b) and ba.key(a) == ba.key(CalibratedHeads(gains(1)))
+
+
+def test_paired_against_another_budget():
+    """The moonshot's comparison: a cell at 20% against uniform at 30%, window by window."""
+    cont = Continuous(0.5, 0.75, 1.5)
+    results = [{"cells": {f"streaming|0.3|{ba.key(Uniform())}": {"nll": 3.0},
+                          f"streaming|0.2|{ba.key(Uniform())}": {"nll": 9.0},
+                          f"streaming|0.2|{ba.key(cont)}": {"nll": 3.0 + d}}} for d in (-0.1, 0.05)]
+    assert ba.paired(results, "streaming", 0.2, cont, baseline_frac=0.3) == pytest.approx([-0.1, 0.05])
+    assert ba.paired(results, "streaming", 0.2, cont) == pytest.approx([-6.1, -5.95])
