@@ -1,4 +1,5 @@
-"""Layer allocators: how the KV budget of one sequence is spread over its decoder layers.
+"""Layer allocators: how the KV budget of one sequence is spread over its decoder layers (or,
+per KV head, over its layers' heads).
 
 Every allocator is a frozen dataclass (plain data: hashable, comparable, printable) with one
 method, `allocate(request) -> (budgets, labels, centroids)`, called by the planner
@@ -647,8 +648,8 @@ class HeadGains(_JsonFile):
 @dataclass(frozen=True)
 class CalibratedHeads:
     """Per-KV-head budgets from a calibrated head-gain profile: a head whose loss falls more
-    when it keeps its whole context keeps more of it (the heads of one layer differ far more,
-    and more steadily across texts, than the layers do).
+    when it keeps its whole context keeps more of it (on SmolLM2-135M the heads of one layer
+    differ far more, and more steadily across texts, than the layers do).
 
         w[l, h] = (max(g[l, h], 0) + prior * mean_(l, h) max(g, 0))^gamma
         b[s, l, h] = clamp(lam_s * w[l, h], floor * base, cap * base)   (and what a head can hold)
