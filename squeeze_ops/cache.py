@@ -164,8 +164,7 @@ class SqueezeKVCache:
         self._positions = positions.to(torch.int32)[:, None].repeat(1, rows // self.batch)
         device = budgets.device
         # Row l of the layer-major copy is layer l's budget per cache row, contiguous.
-        self._layer_budget = (budgets.transpose(0, 1) if self.per_head else budgets.t()).reshape(num_layers, rows)
-        self._layer_budget = self._layer_budget.contiguous()
+        self._layer_budget = budgets.transpose(0, 1).reshape(num_layers, rows).contiguous()
         # Read once per request, outside the decode loop: the allocation needs host sizes.
         self.capacities = [int(c) + 1 for c in self._layer_budget.max(dim=1).values.tolist()]
         self._full_tokens = full_tokens
