@@ -44,6 +44,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
             self, ptrs, value, _as_bool(mask), *rest)
 
 import squeeze_ops  # noqa: E402,F401  (registers torch.ops.squeeze.*)
+from squeeze_ops import _checks  # noqa: E402
 
 # Devices on which the Triton launchers are exercised directly (so a dispatch fallback cannot
 # hide a kernel bug): the GPU when there is one, else CPU tensors under the interpreter.
@@ -62,10 +63,25 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def no_value_checks():
+    """The Triton launchers as they run on a GPU without SQUEEZE_DEBUG: no value check reads a
+    tensor back, so out-of-range lengths, budgets and offsets reach the kernels (which clamp)."""
+    with _checks.forced_value_checks(False):
+        yield
+
+
+@pytest.fixture
+def value_checks():
+    """The Triton launchers with their value checks on whatever the device (as under SQUEEZE_DEBUG=1)."""
+    with _checks.forced_value_checks(True):
+        yield
+
+
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M on CPU as squeeze_ops.evaluation.load_smollm2 returns it (runner, tokenizer,
+    """SmolLM2-135M on CPU as research.evaluation.load_smollm2 returns it (runner, tokenizer,
     model), loaded once per test session: the GGUF load takes ~30 s on 2 cores."""
-    from squeeze_ops import evaluation
+    from research import evaluation
 
     return evaluation.load_smollm2("cpu")

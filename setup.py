@@ -58,8 +58,9 @@ print(f"squeeze_ops: building the {'CPU + CUDA' if with_cuda else 'CPU-only'} op
 Extension = CUDAExtension if with_cuda else CppExtension
 
 setup(
-    packages=["squeeze_ops", "squeeze_ops.triton_kernels"],
-    package_data={"squeeze_ops": ["profiles/*.json"]},
+    packages=["squeeze_ops", "squeeze_ops.engine", "squeeze_ops.engine.allocators", "squeeze_ops.models",
+              "squeeze_ops.triton_kernels"],
+    package_data={"squeeze_ops.engine": ["profiles/*.json"]},
     package_dir={"squeeze_ops.triton_kernels": "triton_kernels"},
     ext_modules=[
         Extension(

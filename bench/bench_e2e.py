@@ -65,9 +65,9 @@ import torch.nn.functional as F
 
 import squeeze_ops  # noqa: F401  (registers torch.ops.squeeze.*)
 from bench.common import environment, sync, time_us, write_table
-from squeeze_ops.cache import PrefillRecord, SqueezeKVCache
-from squeeze_ops.llama import LlamaRunner
-from squeeze_ops.policies import SequencePolicy, SqueezeSettings
+from squeeze_ops.engine.cache import PrefillRecord, SqueezeKVCache
+from squeeze_ops.models.llama import LlamaRunner
+from squeeze_ops.engine.policies import PrefillNeeds, SequencePolicy, SqueezeSettings
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ def tile_cache(small, batch, full_tokens):
 def _record_on(record, device):
     return PrefillRecord(record.prompt_lens, record.cu_seqlens.to(device), record.cos_sum.to(device),
                          [k.to(device) for k in record.keys], [v.to(device) for v in record.values],
-                         [s.to(device) for s in record.scores])
+                         [s.to(device) for s in record.scores], needs=record.needs)
 
 
 def prefill(runner, prompt_len, num_prompts, vocab):
@@ -304,7 +304,7 @@ def prefill(runner, prompt_len, num_prompts, vocab):
     so it takes no device memory while batches are sized) and the first greedy tokens [P]."""
     gen = torch.Generator().manual_seed(prompt_len)
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen) for _ in range(num_prompts)]
-    record, logits = runner.prefill(prompts, scores=True)
+    record, logits = runner.prefill(prompts, PrefillNeeds(score_queries=0))
     if not torch.isfinite(logits).all():
         raise RuntimeError("prefill produced non-finite logits")
     return _record_on(record, "cpu"), logits.argmax(-1)
@@ -637,7 +637,7 @@ class Harness:
             return
         s, policy = self.shape, POLICIES[policy_name]
         small = SqueezeKVCache.build(_record_on(prompt.record, self.device), policy,
-                                     SqueezeSettings(b_init=budget, p=SQUEEZE_P), self.steps + 1)
+                                     SqueezeSettings.squeeze(b_init=budget, p=SQUEEZE_P), self.steps + 1)
         capacity = max(small.capacities)
         # decode_step_'s scratch: partial outputs of at most capacity / 128 splits, and the H2O logits.
         scratch = 4 * s.heads * (s.head_dim + 1) * math.ceil(capacity / 128)

@@ -15,7 +15,7 @@ TORCH_LIBRARY(squeeze, m) {
 
   // ---- prefill: attention with H2O / observation-window column scores, prompt compression ----
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
-        "int score_window) -> (Tensor out, Tensor lse, Tensor scores)");
+        "int score_queries) -> (Tensor out, Tensor lse, Tensor scores)");
   m.def("compress_kv_(Tensor k, Tensor v, Tensor scores, Tensor cu_seqlens, Tensor budget, str policy, "
         "int sinks, float recent_ratio, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, "
         "Tensor(d!) slot_pos, Tensor(e!) cache_scores) -> ()");

@@ -3,13 +3,13 @@ sequence policies it composes with (sliding window, StreamingLLM, H2O).
 
 `import squeeze_ops` loads the op library and registers every op as `torch.ops.squeeze.*`;
 `squeeze_ops.ops` holds the typed public wrappers, `squeeze_ops.reference` the plain-PyTorch
-specification of each op.
+specification of each op, `squeeze_ops.engine` the cache, planner and allocators built on
+them, `squeeze_ops.models` the model runners.
 """
 from . import _library  # noqa: F401  (registers torch.ops.squeeze.*)
 from . import ops, reference  # noqa: F401
-from .cache import MemoryReport, PrefillRecord, SqueezeKVCache  # noqa: F401
+from .engine import (BudgetPlan, MemoryReport, PrefillNeeds, PrefillRecord, SequencePolicy,  # noqa: F401
+                     SqueezeKVCache, SqueezeSettings, allocate, diagnose, plan_budgets, prefill_needs)
 from .ops import *  # noqa: F401,F403
-from .planner import BudgetPlan, allocate, diagnose, plan_budgets  # noqa: F401
-from .policies import SequencePolicy, SqueezeSettings  # noqa: F401
 
 __version__ = "0.1.0"  # as in pyproject.toml

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import _meta
+from . import _checks
 
 
 def _load_compiled():
@@ -22,7 +22,7 @@ def _load_compiled():
 
 _load_compiled()
 
-for _name, _fake in _meta.FAKE_KERNELS.items():
+for _name, _fake in _checks.FAKE_KERNELS.items():
     torch.library.register_fake(f"squeeze::{_name}")(_fake)
 
 # Ops whose CUDA kernel is written in Triton: op name -> (module of triton_kernels, launcher).

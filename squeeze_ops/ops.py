@@ -3,6 +3,8 @@ mutates. Validation happens in the op itself (C++ checks or the Triton launcher'
 check), so calling torch.ops.squeeze.* directly is just as safe."""
 import torch
 
+from .vocabulary import DEFAULT_POLICY, DEFAULT_RECENT_RATIO, DEFAULT_SINKS
+
 __all__ = [
     # ---- layer dimension ----
     "add_rmsnorm_cossim",
@@ -89,7 +91,7 @@ def layer_budgets(sim: torch.Tensor, base, p: float, k: int = 3, min_budget: int
 # ---- prefill ----
 
 
-def prefill_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, score_window=-1):
+def prefill_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, score_queries=-1):
     """Causal attention over packed variable-length sequences, optionally with the column
     scores that H2O / SnapKV select tokens by. Memory is linear in tokens: the probabilities
     are never materialised (GPU: flash-style Triton kernels; CPU: C++, chunked over queries).
@@ -100,9 +102,9 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, score_wi
         out[i, h]    = sum_j p[h, i, j] v_j
         lse[i, h]    = log sum_{j <= i} exp(scale * q_i . k_j)      (natural log)
         scores[j, g] = sum_{h in group g} sum_{i in window, i >= j} p[h, i, j]
-    The window is every query of the sequence for score_window == 0 (H2O's accumulated
-    attention), its last W queries for score_window == W > 0 (SnapKV's observation window);
-    score_window < 0 computes no scores.
+    The window is every query of the sequence for score_queries == 0 (H2O's accumulated
+    attention), its last W queries for score_queries == W > 0 (SnapKV's observation window);
+    score_queries < 0 computes no scores.
 
     Args:
         q: [T, H, D]; k, v: [T, Hkv, D], one dtype (fp16/bf16 on the GPU, also fp32 on CPU),
@@ -111,16 +113,16 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, score_wi
         max_seqlen: the longest sequence (it sizes the GPU grid); None reads it from
             cu_seqlens, which costs a host sync.
         scale: softmax scale, default D ** -0.5.
-        score_window: -1 (no scores), 0 (H2O) or W > 0 (last W queries).
+        score_queries: -1 (no scores), 0 (H2O) or W > 0 (last W queries).
     Returns:
         out [T, H, D] (q's dtype), lse fp32 [T, H], scores fp32 [T, Hkv] (an empty [0, Hkv]
-        when score_window < 0). Nothing is mutated.
+        when score_queries < 0). Nothing is mutated.
     """
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return torch.ops.squeeze.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window)
+    return torch.ops.squeeze.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries)
 
 
 def _compress_args(k, scores, cu_seqlens, budget, policy, sinks):
@@ -131,12 +133,12 @@ def _compress_args(k, scores, cu_seqlens, budget, policy, sinks):
     if isinstance(budget, int):
         budget = torch.full((cu_seqlens.shape[0] - 1,), budget, dtype=torch.int32, device=k.device)
     if sinks is None:
-        sinks = 4 if policy == "streaming" else 0
+        sinks = DEFAULT_SINKS.get(policy, 0)
     return scores, budget, sinks
 
 
 def compress_kv_(k, v, scores, cu_seqlens, budget, policy, k_cache, v_cache, lens, slot_pos, cache_scores,
-                 *, sinks=None, recent_ratio=0.5):
+                 *, sinks=None, recent_ratio=DEFAULT_RECENT_RATIO):
     """Builds a layer's KV cache from the packed prompt K/V, in place: per (sequence b, KV
     head g) the prompt tokens that the policy keeps within budget[b], exactly the set that
     evicting one token at a time from the full prompt (scores fixed) would leave:
@@ -165,7 +167,7 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, k_cache, v_cache, len
                                    k_cache, v_cache, lens, slot_pos, cache_scores)
 
 
-def compress_kv(k, v, scores, cu_seqlens, budget, policy, capacity, *, sinks=None, recent_ratio=0.5):
+def compress_kv(k, v, scores, cu_seqlens, budget, policy, capacity, *, sinks=None, recent_ratio=DEFAULT_RECENT_RATIO):
     """compress_kv_ into a freshly allocated cache of capacity C = `capacity` (the budget plus
     room for the tokens still to come). Returns (k_cache [B, Hkv, C, D], v_cache, lens int32
     [B], slot_pos int32 [B, Hkv, C], cache_scores fp32 [B, Hkv, C]); K/V rows from lens on
@@ -181,9 +183,6 @@ def compress_kv(k, v, scores, cu_seqlens, budget, policy, capacity, *, sinks=Non
     return k_cache, v_cache, lens, slot_pos, cache_scores
 
 # ---- decode ----
-
-_DEFAULT_SINKS = {"window": 0, "streaming": 4, "h2o": 0}
-
 
 def _budget_tensor(budget, lens):
     """An int budget becomes the int32 [B] per-sequence budget tensor on lens' device."""
@@ -233,8 +232,8 @@ def cache_append_(k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tens
 
 
 def cache_evict_(k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor, slot_pos: torch.Tensor,
-                 scores: torch.Tensor, budget: torch.Tensor | int, policy: str = "h2o", sinks: int | None = None,
-                 recent_ratio: float = 0.5) -> None:
+                 scores: torch.Tensor, budget: torch.Tensor | int, policy: str = DEFAULT_POLICY, sinks: int | None = None,
+                 recent_ratio: float = DEFAULT_RECENT_RATIO) -> None:
     """Evict tokens from a layer cache, per (sequence, KV head), while lens[b] > budget[b].
 
     Each round evicts one victim per (sequence, KV head):
@@ -254,15 +253,15 @@ def cache_evict_(k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tenso
         policy: "window", "streaming" or "h2o". sinks: protected first tokens (default 4 for streaming,
             0 otherwise; ignored by window). recent_ratio: H2O's recent share of the budget, in [0, 1].
     """
-    sinks = _DEFAULT_SINKS.get(policy, 0) if sinks is None else sinks
+    sinks = DEFAULT_SINKS.get(policy, 0) if sinks is None else sinks
     torch.ops.squeeze.cache_evict_(k_cache, v_cache, lens, slot_pos, scores, _budget_tensor(budget, lens), policy,
                                    sinks, recent_ratio)
 
 
 def decode_step_(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor, slot_pos: torch.Tensor,
-                 scores: torch.Tensor, budget: torch.Tensor | int, scale: float | None = None, policy: str = "h2o",
-                 sinks: int | None = None, recent_ratio: float = 0.5,
+                 scores: torch.Tensor, budget: torch.Tensor | int, scale: float | None = None, policy: str = DEFAULT_POLICY,
+                 sinks: int | None = None, recent_ratio: float = DEFAULT_RECENT_RATIO,
                  accumulate_scores: bool | None = None) -> torch.Tensor:
     """One decode step of one layer, in place: the fused cache_append_ + decode_attention + cache_evict_.
 
@@ -280,7 +279,7 @@ def decode_step_(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos:
     CUDA graph and traceable by torch.compile(fullgraph=True).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    sinks = _DEFAULT_SINKS.get(policy, 0) if sinks is None else sinks
+    sinks = DEFAULT_SINKS.get(policy, 0) if sinks is None else sinks
     accumulate_scores = policy == "h2o" if accumulate_scores is None else accumulate_scores
     return torch.ops.squeeze.decode_step_(q, k_new, v_new, pos, k_cache, v_cache, lens, slot_pos, scores,
                                           _budget_tensor(budget, lens), scale, policy, sinks, recent_ratio,

@@ -138,7 +138,7 @@ def _prefill_sequences(cu_seqlens):
     return list(zip(cu[:-1], cu[1:]))
 
 
-def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
+def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries):
     """Causal attention over packed sequences, with the probabilities materialised (small T).
 
     Sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b+1]; i, j are positions inside it;
@@ -147,8 +147,8 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
         out[i, h]    = sum_j p[h, i, j] v_j
         lse[i, h]    = log sum_{j <= i} exp(scale * q_i . k_j)
         scores[j, g] = sum_{h in group g} sum_{i in window} p[h, i, j]
-    where the window holds every query of the sequence (score_window == 0, H2O) or its last
-    W queries (score_window == W > 0, SnapKV's observation window); score_window < 0 computes
+    where the window holds every query of the sequence (score_queries == 0, H2O) or its last
+    W queries (score_queries == W > 0, SnapKV's observation window); score_queries < 0 computes
     no scores (an empty [0, Hkv] tensor). max_seqlen only sizes the kernels' grids.
     q [T, H, D], k/v [T, Hkv, D] -> out [T, H, D], lse [T, H], scores [T, Hkv], all float32.
     """
@@ -157,7 +157,7 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
     group = H // Hkv
     out = torch.zeros(T, H, D, dtype=torch.float64)
     lse = torch.zeros(T, H, dtype=torch.float64)
-    scores = torch.zeros(T if score_window >= 0 else 0, Hkv, dtype=torch.float64)
+    scores = torch.zeros(T if score_queries >= 0 else 0, Hkv, dtype=torch.float64)
     for start, end in _prefill_sequences(cu_seqlens):
         n = end - start
         if n == 0:
@@ -171,8 +171,8 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
         p = torch.softmax(logits, -1)
         out[start:end] = (p @ vs).transpose(0, 1)
         lse[start:end] = torch.logsumexp(logits, -1).T
-        if score_window >= 0:
-            first = 0 if score_window == 0 else max(n - score_window, 0)
+        if score_queries >= 0:
+            first = 0 if score_queries == 0 else max(n - score_queries, 0)
             mass = p[:, first:, :].sum(1)  # [H, key]
             scores[start:end] = mass.view(Hkv, group, n).sum(1).T
     return out.float(), lse.float(), scores.float()

@@ -10,12 +10,11 @@ atomic per sequence segment of a program: the bytes moved equal those of add + R
 The accumulation order of the atomics is not fixed, so cos_sum may differ from run to run in
 its last bits (the CPU kernel sums in a fixed order).
 """
-import os
 
 import triton
 import triton.language as tl
 
-from squeeze_ops import _meta
+from squeeze_ops import _checks
 
 from . import FP_FUSION
 
@@ -87,23 +86,13 @@ def _config(d):
     return block_d, rows, num_warps
 
 
-def _check_cu_seqlens(cu_seqlens, T):
-    """Value checks that read cu_seqlens: run on CPU tensors, on the GPU only when
-    SQUEEZE_DEBUG=1 (they synchronise with the host)."""
-    cu = cu_seqlens.cpu()
-    _meta.check(int(cu[0]) == 0, f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
-    _meta.check(bool((cu[1:] >= cu[:-1]).all()), "cu_seqlens: expected non-decreasing offsets")
-    _meta.check(int(cu[-1]) == T,
-                f"cu_seqlens: expected cu_seqlens[-1] == {T} (tokens of residual), got {int(cu[-1])}")
-
-
 def launch(residual, attn_out, weight, cu_seqlens, cos_sum, eps, out, *, cossim=True):
     """Runs the epilogue kernel on validated arguments. out=None (and weight=None) skips the
     norm (add_cossim); cossim=False skips the similarity (the benchmark's baseline)."""
     T, d = residual.shape
     B = cu_seqlens.shape[0] - 1
-    if residual.device.type == "cpu" or os.environ.get("SQUEEZE_DEBUG") == "1":
-        _check_cu_seqlens(cu_seqlens, T)
+    if _checks.value_checks_wanted(cu_seqlens):
+        _checks.check_cu_seqlens_values(cu_seqlens, T, ref_name="residual")
     if T == 0:
         return
     block_d, rows, num_warps = _config(d)
@@ -119,12 +108,12 @@ def launch(residual, attn_out, weight, cu_seqlens, cos_sum, eps, out, *, cossim=
 
 def add_rmsnorm_cossim(residual, attn_out, weight, cu_seqlens, cos_sum, eps):
     """Launcher of torch.ops.squeeze.add_rmsnorm_cossim (schema arguments, op's output)."""
-    out = _meta.add_rmsnorm_cossim(residual, attn_out, weight, cu_seqlens, cos_sum, eps)
+    out = _checks.add_rmsnorm_cossim(residual, attn_out, weight, cu_seqlens, cos_sum, eps)
     launch(residual, attn_out, weight, cu_seqlens, cos_sum, eps, out)
     return out
 
 
 def add_cossim(residual, attn_out, cu_seqlens, cos_sum):
     """Launcher of torch.ops.squeeze.add_cossim (schema arguments, no output)."""
-    _meta.add_cossim(residual, attn_out, cu_seqlens, cos_sum)
+    _checks.add_cossim(residual, attn_out, cu_seqlens, cos_sum)
     launch(residual, attn_out, None, cu_seqlens, cos_sum, 0.0, None)

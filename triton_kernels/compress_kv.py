@@ -13,12 +13,11 @@ pass compacts the kept tokens into slots 0 .. lens-1 with a prefix sum and copie
 import triton
 import triton.language as tl
 
-from squeeze_ops import _meta
+from squeeze_ops import _checks
+from squeeze_ops.vocabulary import POLICY_CODES
 
 from . import FP_FUSION
-from .prefill_attention import check_cu_seqlens_values, debug_checks_enabled, sequence_bounds
-
-_POLICY_IDS = {"window": 0, "streaming": 1, "h2o": 2}
+from .common import H2O, sequence_bounds
 
 
 @triton.jit
@@ -61,7 +60,7 @@ def _compress_kv_kernel(K, V, Scores, CU, Budget, Recent, KC, VC, Lens, SlotPos,
     head_lo = n_sinks - tl.minimum(budget, n_sinks)
     tail_lo = n - tl.maximum(budget - n_sinks, 0)
     heavy = tl.zeros([], tl.int32)
-    if POLICY == 2:
+    if POLICY == H2O:
         recent_start = tl.maximum(n - tl.load(Recent + b), n_sinks)
         protected = n_sinks + n - recent_start
         fits = budget >= protected
@@ -79,7 +78,7 @@ def _compress_kv_kernel(K, V, Scores, CU, Budget, Recent, KC, VC, Lens, SlotPos,
     # `heavy` middle tokens at or above it. With no heavy hitter the search range is empty.
     tau = tl.zeros([], tl.int64)
     pi = tl.zeros([], tl.int32)
-    if POLICY == 2:
+    if POLICY == H2O:
         search_hi = tl.where(heavy > 0, tail_lo, head_hi)
         step = tl.full([], 1 << 31, tl.int64)
         for _ in range(32):
@@ -112,7 +111,7 @@ def _compress_kv_kernel(K, V, Scores, CU, Budget, Recent, KC, VC, Lens, SlotPos,
         in_head = (pos >= head_lo) & (pos < head_hi)
         in_tail = ok & (pos >= tail_lo)
         is_heavy = (pos >= head_hi) & (pos < tail_lo) & (heavy > 0)  # all false unless h2o
-        if POLICY == 2:
+        if POLICY == H2O:
             key = _order_keys(s)
             is_heavy = is_heavy & ((key > tau) | ((key == tau) & (pos >= pi)))
         heavy_i = is_heavy.to(tl.int32)
@@ -151,13 +150,13 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
                  k_cache, v_cache, lens, slot_pos, cache_scores):
     """Launcher of torch.ops.squeeze.compress_kv_ (see squeeze_ops.ops.compress_kv_).
     Budgets above the capacity are clamped to it (an error under SQUEEZE_DEBUG=1)."""
-    _meta.compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
+    _checks.compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
                        k_cache, v_cache, lens, slot_pos, cache_scores)
     T, Hkv, D = k.shape
     B, C = budget.shape[0], k_cache.shape[2]
-    if debug_checks_enabled():
-        check_cu_seqlens_values(cu_seqlens, T)
-        _meta.check(bool(((budget >= 0) & (budget <= C)).all()),
+    if _checks.value_checks_wanted(budget):
+        _checks.check_cu_seqlens_values(cu_seqlens, T, ref_name="k")
+        _checks.check(bool(((budget >= 0) & (budget <= C)).all()),
                     f"budget: expected values in [0, {C}] (the cache capacity), got {budget.tolist()}")
     if B == 0 or Hkv == 0:
         return
@@ -173,5 +172,5 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         T, C, 0 if policy == "window" else sinks,
         HKV=Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(max(D, 1)),
-        POLICY=_POLICY_IDS[policy], HAS_SCORES=scores.numel() > 0,
+        POLICY=POLICY_CODES[policy], HAS_SCORES=scores.numel() > 0,
         BLOCK=block, BLOCK_T=block_t, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)

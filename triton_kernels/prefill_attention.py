@@ -8,7 +8,7 @@ lse.
 
 Pass 2 (_column_scores_kernel), only when scores are asked for, one program per (key block,
 sequence, KV head): it keeps its keys in registers, walks the query blocks at or after them
-(only the last W queries for score_window = W > 0) for every query head of the group,
+(only the last W queries for score_queries = W > 0) for every query head of the group,
 recomputes p = exp(scale q.k - lse) from pass 1's lse and sums it over queries and heads.
 Each score has exactly one owner: no atomics, no T x T buffer.
 
@@ -16,30 +16,22 @@ Grids come from shapes and the host int max_seqlen only; programs past their seq
 return at once. Sequence bounds read from cu_seqlens are clamped into [0, T], so no value of
 cu_seqlens makes a kernel access memory out of bounds.
 """
-import os
 from collections import namedtuple
 
 import torch
 import triton
 import triton.language as tl
 
-from squeeze_ops import _meta
+from squeeze_ops import _checks
 
 from . import FP_FUSION
+from .common import sequence_bounds
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 # Tile sizes: queries x keys per tile, warps, software-pipelining stages.
 Tiles = namedtuple("Tiles", "block_m block_n num_warps num_stages")
-
-
-@triton.jit
-def sequence_bounds(CU, b, T_total):
-    """First token (int64) and length of sequence b, clamped into [0, T_total]."""
-    start = tl.minimum(tl.maximum(tl.load(CU + b), 0), T_total)
-    end = tl.minimum(tl.maximum(tl.load(CU + b + 1), start), T_total)
-    return start.to(tl.int64), end - start
 
 
 @triton.jit
@@ -150,7 +142,7 @@ def _score_query_blocks(acc, k, Q, Lse, sq_t, cols, lo, hi, seq_len, qk_scale,
 
 
 @triton.jit
-def _column_scores_kernel(Q, K, CU, Lse, Scores, sq_t, sq_h, sk_t, sk_h, T_total, qk_scale, score_window,
+def _column_scores_kernel(Q, K, CU, Lse, Scores, sq_t, sq_h, sk_t, sk_h, T_total, qk_scale, score_queries,
                           H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
@@ -164,10 +156,10 @@ def _column_scores_kernel(Q, K, CU, Lse, Scores, sq_t, sq_h, sk_t, sk_h, T_total
     col_ok = cols < seq_len
     k = tl.load(K + (start + cols)[:, None] * sk_t + g * sk_h + dims[None, :], mask=col_ok[:, None], other=0.0)
 
-    # Queries that count: all (H2O) or the last score_window of the sequence, and for these
+    # Queries that count: all (H2O) or the last score_queries of the sequence, and for these
     # keys only those at or after the first key. Query blocks reaching below the block's last
     # key need the causal mask.
-    first = tl.where(score_window > 0, tl.maximum(seq_len - score_window, 0), 0)
+    first = tl.where(score_queries > 0, tl.maximum(seq_len - score_queries, 0), 0)
     lo = tl.maximum(n0, first)
     diagonal_end = lo + tl.cdiv(tl.maximum(tl.minimum(n0 + BLOCK_N, seq_len) - lo, 0), BLOCK_M) * BLOCK_M
     acc = tl.zeros([BLOCK_N], tl.float32)
@@ -207,45 +199,26 @@ def tiles(device, head_dim):
     return Tiles(64, 32, 8, 2), Tiles(64, 64, 8, 2)
 
 
-def debug_checks_enabled():
-    return os.environ.get("SQUEEZE_DEBUG") == "1"
-
-
-def check_cu_seqlens_values(cu_seqlens, total_tokens, max_seqlen=None):
-    """The value checks of cu_seqlens (and max_seqlen) that the CPU kernels always run; reads
-    the tensor back to the host, so the GPU launchers call it only under SQUEEZE_DEBUG=1."""
-    cu = cu_seqlens.cpu().long()
-    _meta.check(int(cu[0]) == 0, f"cu_seqlens: expected cu_seqlens[0] == 0, got {int(cu[0])}")
-    lengths = cu[1:] - cu[:-1]
-    _meta.check(bool((lengths >= 0).all()), f"cu_seqlens: expected non-decreasing offsets, got {cu.tolist()}")
-    _meta.check(int(cu[-1]) == total_tokens,
-                f"cu_seqlens: expected the last offset to equal the {total_tokens} packed tokens, got {int(cu[-1])}")
-    if max_seqlen is not None and lengths.numel():
-        longest = int(lengths.max())
-        _meta.check(longest <= max_seqlen,
-                    f"max_seqlen: expected >= every sequence length, got {max_seqlen} < {longest}")
-
-
 def check_head_dim(D, name):
-    _meta.check(16 <= D <= 256 and D & (D - 1) == 0,
+    _checks.check(16 <= D <= 256 and D & (D - 1) == 0,
                 f"{name}: the Triton kernel needs a head dim that is a power of two in [16, 256], got {D}")
 
 
-def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window):
+def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries):
     """Launcher of torch.ops.squeeze.prefill_attention (see squeeze_ops.ops.prefill_attention)."""
-    return launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, *tiles(q.device, q.shape[-1]))
+    return launch(q, k, v, cu_seqlens, max_seqlen, scale, score_queries, *tiles(q.device, q.shape[-1]))
 
 
-def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles, score_tiles,
+def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_queries, attention_tiles, score_tiles,
            use_block_pointers=None):
     """prefill_attention with explicit tiles (tests use it to run the GPU tiles anywhere) and
     key-tile addressing (None: block_pointers(); tests and bench_prefill run both)."""
-    out, lse, scores = _meta.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_window)
+    out, lse, scores = _checks.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries)
     T, H, D = q.shape
     Hkv = k.shape[1]
     check_head_dim(D, "q")
-    if debug_checks_enabled():
-        check_cu_seqlens_values(cu_seqlens, T, max_seqlen)
+    if _checks.value_checks_wanted(cu_seqlens):
+        _checks.check_cu_seqlens_values(cu_seqlens, T, max_seqlen)
     B = cu_seqlens.shape[0] - 1
     if q.numel() == 0 or B == 0 or max_seqlen == 0:
         return out, lse, scores
@@ -259,11 +232,11 @@ def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_window, attention_tiles
         H=H, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=a.block_m, BLOCK_N=a.block_n, DOT_PRECISION=precision,
         BLOCK_POINTERS=block_pointers() if use_block_pointers is None else use_block_pointers,
         num_warps=a.num_warps, num_stages=a.num_stages, enable_fp_fusion=FP_FUSION)
-    if score_window >= 0:
+    if score_queries >= 0:
         s = score_tiles
         _column_scores_kernel[(triton.cdiv(max_seqlen, s.block_n), B, Hkv)](
             q, k, cu_seqlens, lse, scores, q.stride(0), q.stride(1), k.stride(0), k.stride(1), T, qk_scale,
-            score_window,
+            score_queries,
             H=H, HKV=Hkv, GROUP=H // Hkv, HEAD_DIM=D, BLOCK_M=s.block_m, BLOCK_N=s.block_n,
             DOT_PRECISION=precision, num_warps=s.num_warps, num_stages=s.num_stages,
             enable_fp_fusion=FP_FUSION)

@@ -52,9 +52,9 @@ void for_each_item(std::vector<Item>& items, const F& fn) {
 }
 
 // First local query of the scoring window of an n-token sequence: every query for
-// score_window == 0 (H2O), the last score_window queries otherwise.
-inline int64_t window_start(int64_t n, int64_t score_window) {
-  return score_window == 0 ? 0 : std::max<int64_t>(n - score_window, 0);
+// score_queries == 0 (H2O), the last score_queries queries otherwise.
+inline int64_t window_start(int64_t n, int64_t score_queries) {
+  return score_queries == 0 ? 0 : std::max<int64_t>(n - score_queries, 0);
 }
 
 // Keys [t0, t0 + n) of KV head g of a packed float [T, Hkv, D] tensor: an [n, D] view.
@@ -107,12 +107,12 @@ void attend(const Item& it, const at::Tensor& q, const at::Tensor& k, const at::
 
 // Pass 2 for one item: column scores of keys [lo, hi) of KV head kv_head, summed over the
 // group's query heads and over the queries of the window at or after each key.
-void column_scores(const Item& it, int64_t score_window, const at::Tensor& q, const at::Tensor& k,
+void column_scores(const Item& it, int64_t score_queries, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& lse, int64_t group, double scale, const at::Tensor& scores) {
   const int64_t nk = it.hi - it.lo, D = q.size(2);
   const at::Tensor k_tile = key_rows(k, it.kv_head, it.start + it.lo, nk);
   at::Tensor col = at::zeros({nk}, k.options());
-  for (int64_t qb = std::max(it.lo, window_start(it.seq_len, score_window)); qb < it.seq_len; qb += kScoreQueries) {
+  for (int64_t qb = std::max(it.lo, window_start(it.seq_len, score_queries)); qb < it.seq_len; qb += kScoreQueries) {
     const int64_t nq = std::min(kScoreQueries, it.seq_len - qb);
     const at::Tensor q_tile = group_slice(q, it.kv_head, group, it.start + qb, nq).reshape({nq * group, D});
     const at::Tensor row_lse = group_slice(lse, it.kv_head, group, it.start + qb, nq).reshape({1, nq * group});
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::T
                                                                      const at::Tensor& v,
                                                                      const at::Tensor& cu_seqlens,
                                                                      int64_t max_seqlen, double scale,
-                                                                     int64_t score_window) {
+                                                                     int64_t score_queries) {
   check_packed(q, "q");
   check_packed(k, "k");
   check_packed(v, "v");
@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::T
 
   auto out = at::empty({T, H, D}, q.options());
   auto lse = at::empty({T, H}, q.options().dtype(at::kFloat));
-  auto scores = at::empty({score_window >= 0 ? T : 0, Hkv}, q.options().dtype(at::kFloat));
+  auto scores = at::empty({score_queries >= 0 ? T : 0, Hkv}, q.options().dtype(at::kFloat));
   const int64_t group = H / Hkv;
 
   // The tiles are multiplied in float: half-precision inputs are converted once (linear memory).
@@ -166,17 +166,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::T
     }
   }
   for_each_item(items, [&](const Item& it) { attend(it, qf, kf, vf, group, scale, out, lse); });
-  if (score_window < 0) return {out, lse, scores};
+  if (score_queries < 0) return {out, lse, scores};
 
   items.clear();
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t n = cu[b + 1] - cu[b], q_first = window_start(n, score_window);
+    const int64_t n = cu[b + 1] - cu[b], q_first = window_start(n, score_queries);
     for (int64_t lo = 0; lo < n; lo += kKeyBlock) {
       const int64_t hi = std::min(lo + kKeyBlock, n);
       for (int64_t g = 0; g < Hkv; ++g) items.push_back({cu[b], n, lo, hi, g, n - std::max(lo, q_first)});
     }
   }
-  for_each_item(items, [&](const Item& it) { column_scores(it, score_window, qf, kf, lse, group, scale, scores); });
+  for_each_item(items, [&](const Item& it) { column_scores(it, score_queries, qf, kf, lse, group, scale, scores); });
   return {out, lse, scores};
 }
 

@@ -1,0 +1,101 @@
+"""SqueezeAttention on a real model, end to end through the library's ops:
+
+    python -m research.main            (after `bash .ci/setup eval`)
+
+SmolLM2-135M on one window of Botchan: full-attention prefill measuring each layer's
+similarity cos(x_in, x_mid), the groups of the 1-D K-Means, the budget per layer, the KV
+memory against a full cache, a greedy continuation with the full and the squeezed cache, and
+a small quality table (teacher-forced NLL increase over the full cache), the paper's claims,
+and the allocators recommended for this model against uniform. Uses the GPU kernels when a
+GPU is present. The full grid is `python -m research.quality`.
+"""
+import argparse
+import sys
+
+import torch
+
+from squeeze_ops.engine.cache import SqueezeKVCache
+from squeeze_ops.engine.policies import SqueezeSettings
+from squeeze_ops.engine.presets import recommended_allocator
+
+from . import evaluation as ev
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens P (default 1024)")
+    parser.add_argument("--gen-len", type=int, default=64, help="scored continuation tokens G (default 64)")
+    parser.add_argument("--policy", choices=list(ev.POLICIES), default="h2o", help="policy of the demo cache")
+    parser.add_argument("--budget", type=float, default=0.2, help="b_init of the demo cache (default 0.2)")
+    parser.add_argument("--p", type=float, default=0.5, help="squeeze factor p of the demo cache (default 0.5)")
+    parser.add_argument("--greedy", type=int, default=32, help="greedy continuation tokens (default 32)")
+    job = ev.start_job(parser, argv)
+    if job is None:
+        return 2
+    args, runner, tokenizer, progress = job
+    progress("reading Botchan (sentencepiece 0.2.1 sdist)")
+    ids = ev.tokenize(tokenizer, ev.botchan_text(args.data_dir))
+    prompt, continuation = ev.windows(ids, args.prompt_len, args.gen_len, 1)[0]
+    print(f"device {args.device}, dtype {runner.dtype}, torch {torch.__version__}; Botchan {len(ids)} tokens; "
+          f"window: {len(prompt)} prompt + {len(continuation)} scored tokens (middle of the book)\n")
+
+    policy = ev.POLICIES[args.policy]
+    squeeze = SqueezeSettings.squeeze(b_init=args.budget, p=args.p)
+    uniform = SqueezeSettings.uniform(b_init=args.budget)
+    fractions = (0.2, 0.3)
+    cells = ev.grid(fractions=fractions, ps=(args.p,)) + [
+        ev.Cell(name, f, allocator=recommended_allocator(name, f)) for name in ev.POLICIES for f in fractions]
+    progress(f"prefill {len(prompt)} tokens (prefill_attention + add_rmsnorm_cossim per layer)")
+    record, first = runner.prefill([prompt], ev.prefill_signals(cells))
+    horizon = max(args.gen_len, args.greedy)
+    caches = {name: SqueezeKVCache.build(record, policy, s, horizon, source=[0])
+              for name, s in (("full", None), ("uniform", uniform), ("squeeze", squeeze))}
+    sq = caches["squeeze"]
+
+    print(f"## Layer profile ({policy.describe()}, b_init {args.budget:g}, p {args.p:g}, k {squeeze.allocator.k})")
+    print("Similarity = mean over the prompt of cos(x_in, x_mid); G1 = most important (lowest).")
+    print(ev.profile_table(sq.similarity[0].cpu(), sq.labels[0].cpu(),
+                           {"uniform budget": caches["uniform"].budgets[0].cpu(),
+                            "squeeze budget": sq.budgets[0].cpu(),
+                            "squeeze KV KiB": [n // 1024 for n in sq.memory().kv_per_layer]}))
+    labels = sq.labels[0].cpu()
+    groups = [[i for i in range(len(labels)) if labels[i] == g] for g in range(squeeze.allocator.k)]
+    for g, layers in enumerate(groups):
+        print(f"G{g + 1} ({len(layers)} layers, centroid {sq.centroids[0, g].item():.4f}): {layers}")
+    print()
+
+    print(f"## KV memory (batch 1, {len(prompt)} prompt + {horizon} new tokens; capacity = budget + 1 slot for "
+          "the token appended before eviction; one allocation per cache)")
+    for name, cache in caches.items():
+        print(f"{name:8s} {cache.memory().summary()}")
+    print()
+
+    print(f"## Greedy continuation, {args.greedy} tokens")
+    texts = {}
+    for name in ("full", "squeeze"):
+        progress(f"greedy decode, {name} cache")
+        texts[name] = runner.greedy(caches[name], first, args.greedy)[0].cpu()
+    same = int((texts["full"] == texts["squeeze"]).cumprod(0).sum())
+    print("prompt ends: ..." + tokenizer.decode(prompt[-40:]).replace("\n", " "))
+    for name, toks in texts.items():
+        print(f"{name:8s}: " + tokenizer.decode(toks).replace("\n", " "))
+    print(f"(identical for the first {same} of {args.greedy} tokens)\n")
+    del caches, sq
+
+    result = ev.evaluate_window(runner, prompt, continuation, cells, progress, prefill=(record, first))
+    summary = ev.summarize([result])
+    print(f"## Quality: teacher-forced mean NLL over {len(continuation)} tokens; full cache "
+          f"{summary.full_nll:.4f} nats/token. dNLL = increase over the full cache; agree = top-1 agreement.")
+    print(ev.quality_table(summary))
+    print()
+    print("\n".join(ev.claims(summary)))
+    print("\n## The allocators the held-out evaluation recommends for this model (research/README.md), "
+          "same window, vs uniform at equal KV held (negative = better)")
+    print(ev.allocator_table(summary))
+    print("(one window: indicative only; the full grid over several windows is `python -m research.quality`)")
+    print(f"\ntotal run time {progress.elapsed():.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
