@@ -4,20 +4,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "checks.h"
 #include "kmeans1d.h"
 
 namespace squeeze {
-
-inline bool debug_checks_enabled() {
-  const char* v = std::getenv("SQUEEZE_DEBUG");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-inline bool value_checks_enabled(const at::Tensor& t) { return t.is_cpu() || debug_checks_enabled(); }
 
 // x: fp32 [B, N] with a contiguous last dim, 1 <= k <= N <= 256.
 inline void check_kmeans_args(const at::Tensor& x, int64_t k, const char* name) {

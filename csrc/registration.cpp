@@ -1,7 +1,7 @@
 // The one registry of the squeeze op library: every schema lives here, kernels register
 // their implementations per dispatch key in csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu, or (Triton)
-// from squeeze_ops/_library.py. Conventions (see README): int32 indices and lengths, fp32
-// scores and statistics; mutated arguments are marked (x!) and never returned.
+// from squeeze_ops/_library.py. Conventions (see README): int32 indices, lengths and page ids,
+// fp32 scores and statistics; mutated arguments are marked (x!) and never returned.
 #include <torch/library.h>
 
 TORCH_LIBRARY(squeeze, m) {
@@ -17,17 +17,17 @@ TORCH_LIBRARY(squeeze, m) {
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale, "
         "int score_queries) -> (Tensor out, Tensor lse, Tensor scores)");
   m.def("compress_kv_(Tensor k, Tensor v, Tensor scores, Tensor cu_seqlens, Tensor budget, str policy, "
-        "int sinks, float recent_ratio, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, "
-        "Tensor(d!) slot_pos, Tensor(e!) cache_scores) -> ()");
+        "int sinks, float recent_ratio, int pool_size, str pool_mode, Tensor(a!) k_pages, Tensor(b!) v_pages, "
+        "Tensor(c!) pos_pages, Tensor(d!) score_pages, Tensor block_table, Tensor(e!) lens) -> ()");
 
-  // ---- decode: ragged per-layer caches, in-place H2O accumulation and eviction ----
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor lens, float scale, "
-        "Tensor(a!)? scores) -> Tensor");
-  m.def("cache_append_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, Tensor(d!) slot_pos, "
-        "Tensor(e!) scores, Tensor k_new, Tensor v_new, Tensor pos) -> ()");
-  m.def("cache_evict_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) lens, Tensor(d!) slot_pos, "
-        "Tensor(e!) scores, Tensor budget, str policy, int sinks, float recent_ratio) -> ()");
-  m.def("decode_step_(Tensor q, Tensor k_new, Tensor v_new, Tensor pos, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor(c!) lens, Tensor(d!) slot_pos, Tensor(e!) scores, Tensor budget, "
+  // ---- decode: paged rows (sequence, layer, KV head), in-place H2O accumulation and eviction ----
+  m.def("decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, Tensor lens, float scale, "
+        "Tensor(a!)? score_pages) -> Tensor");
+  m.def("cache_append_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor(d!) score_pages, "
+        "Tensor block_table, Tensor(e!) lens, Tensor k_new, Tensor v_new, Tensor pos) -> ()");
+  m.def("cache_evict_(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) pos_pages, Tensor(d!) score_pages, "
+        "Tensor block_table, Tensor(e!) lens, Tensor budget, str policy, int sinks, float recent_ratio) -> ()");
+  m.def("decode_step_(Tensor q, Tensor k_new, Tensor v_new, Tensor pos, Tensor(a!) k_pages, Tensor(b!) v_pages, "
+        "Tensor(c!) pos_pages, Tensor(d!) score_pages, Tensor block_table, Tensor(e!) lens, Tensor budget, "
         "float scale, str policy, int sinks, float recent_ratio, bool accumulate_scores) -> Tensor");
 }

@@ -1,24 +1,31 @@
 """Every Python check of the ops' arguments, in one place (the C++ kernels carry the same
-checks through csrc/checks.h):
+checks through csrc/checks.h and csrc/paged.h):
 
-- metadata checks (rank, shape, dtype, device, layout) and the outputs' shapes: one function
-  per op, registered as the op's fake kernel and called first by its Triton launcher, so the
-  Python paths validate exactly alike;
-- value checks (lengths, budgets, positions, offsets), which read tensors back to the host:
-  the Triton launchers run them when `value_checks_wanted` says so, i.e. for CPU tensors and,
-  on the GPU, only under SQUEEZE_DEBUG=1 (a host sync would break CUDA-graph capture). Without
-  them the GPU kernels clamp every index they follow.
+- metadata checks (rank, shape, dtype, device, layout, overlap of written tensors) and the
+  outputs' shapes: one function per op, registered as the op's fake kernel and called first by
+  its Triton launcher, so the Python paths validate exactly alike;
+- value checks (lengths, budgets, positions, offsets, block tables), which read tensors back
+  to the host: the Triton launchers run them when `value_checks_wanted` says so, i.e. for CPU
+  tensors and, on the GPU, only under SQUEEZE_DEBUG=1 (a host sync would break CUDA-graph
+  capture). Without them the GPU kernels clamp every index they follow and never follow a page
+  id outside the pool.
+Every message names the argument and what was expected; every check runs before any write.
 """
 import contextlib
 import math
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .vocabulary import POLICIES
 
 # Set by `forced_value_checks` (tests): overrides the device / SQUEEZE_DEBUG rule.
 _FORCED = None
+
+FLOAT_KV = (torch.float16, torch.bfloat16, torch.float32)
+KMEANS_MAX_N = 256  # the CUDA kernel keeps a row in shared memory
+POOL_MODES = ("max", "avg")
 
 
 def value_checks_wanted(t):
@@ -44,6 +51,9 @@ def forced_value_checks(enabled):
         _FORCED = saved
 
 
+# ---- generic checks ----
+
+
 def check(cond, msg):
     """Raise a ValueError naming the argument when `cond` is false (also on fake tensors). msg: the
     message, or a function making it, so that the checks every eager call runs format nothing
@@ -61,15 +71,117 @@ def check_rank(t, rank, name):
     check(t.dim() == rank, lambda: f"{name}: expected a {rank}-d tensor, got shape {tuple(t.shape)}")
 
 
+def check_shape(t, shape, name, what=""):
+    check(tuple(t.shape) == tuple(shape), lambda: f"{name}: expected shape {tuple(shape)}{what}, got {tuple(t.shape)}")
+
+
 def check_device(t, ref, name, ref_name):
     check(t.device == ref.device, lambda: f"{name}: expected device {ref.device} (that of {ref_name}), got {t.device}")
+
+
+def check_last_contiguous(t, name):
+    check(t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1,
+          lambda: f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
+
+
+def check_contiguous(t, name):
+    check(t.is_contiguous(), lambda: f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
 
 
 def check_policy(policy):
     check(policy in POLICIES, lambda: f"policy: expected one of {POLICIES}, got {policy!r}")
 
 
-FLOAT_KV = (torch.float16, torch.bfloat16, torch.float32)
+def check_scale(scale):
+    check(math.isfinite(scale) and scale > 0, lambda: f"scale: expected a finite softmax scale > 0, got {scale}")
+
+
+def check_policy_args(policy, sinks, recent_ratio):
+    check_policy(policy)
+    check(sinks >= 0, lambda: f"sinks: expected a non-negative number of sink tokens, got {sinks}")
+    check(0.0 <= recent_ratio <= 1.0, lambda: f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
+
+
+def check_index(t, shape, name, ref, ref_name):
+    """An int32 contiguous index tensor (lengths, budgets, positions, offsets, page ids) of the
+    given shape on ref's device."""
+    check_rank(t, len(shape), name)
+    check_dtype(t, torch.int32, name)
+    check_shape(t, shape, name)
+    check_device(t, ref, name, ref_name)
+    check_contiguous(t, name)
+
+
+def check_cu_seqlens(cu_seqlens, ref, ref_name):
+    """int32 [B + 1], B >= 0, contiguous, on ref's device."""
+    check_rank(cu_seqlens, 1, "cu_seqlens")
+    check(cu_seqlens.shape[0] >= 1, lambda: f"cu_seqlens: expected B + 1 >= 1 entries, got shape "
+          f"{tuple(cu_seqlens.shape)}")
+    check_index(cu_seqlens, tuple(cu_seqlens.shape), "cu_seqlens", ref, ref_name)
+
+
+# ---- memory overlap (the rules of PyTorch's in-place ops) ----
+
+
+def _dense(t):
+    """Whether t's elements fill one range of memory without gaps or repeats (some order of
+    its dims is contiguous)."""
+    expected = 1
+    dims = sorted(((st, s) for s, st in zip(t.shape, t.stride()) if s != 1))
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _span(t):
+    """[first byte, end byte) of a dense tensor's elements."""
+    start = t.storage_offset() * t.element_size()
+    return start, start + t.numel() * t.element_size()
+
+
+def has_internal_overlap(t):
+    """Whether two elements of t share memory (a dim of size > 1 with stride 0, as an expand()
+    makes); only that case is detected, as in PyTorch."""
+    return any(s > 1 and st == 0 for s, st in zip(t.shape, t.stride()))
+
+
+def overlaps(a, b):
+    """Whether a and b share memory, where it can be told cheaply (as at::get_overlap_status):
+    the same view, or two dense tensors whose memory ranges intersect. Interleaved views of one
+    buffer (e.g. K and V pages of a [P, 2, S, D] pool) count as disjoint."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride():
+        return True
+    if _dense(a) and _dense(b):
+        (a0, a1), (b0, b1) = _span(a), _span(b)
+        return a0 < b1 and b0 < a1
+    return False
+
+
+def _has_memory(t):
+    """A tensor whose memory can be compared: not None, fake (tracing) or meta."""
+    return t is not None and t.device.type != "meta" and not is_fake(t)
+
+
+def check_written(written, read=()):
+    """written, read: sequences of (tensor, name). A written tensor must not overlap itself
+    (the result would depend on the order of the writes), nor another argument."""
+    for t, name in written:
+        if t is None:
+            continue
+        check(not has_internal_overlap(t), lambda: f"{name}: a written tensor must not overlap itself (an expanded "
+              f"view, strides {tuple(t.stride())}); pass a materialised tensor")
+    written = [(t, n) for t, n in written if _has_memory(t)]
+    others = written + [(t, n) for t, n in read if _has_memory(t)]
+    for i, (t, name) in enumerate(written):
+        for other, other_name in others[i + 1 :]:
+            check(not overlaps(t, other), lambda: f"{name}: must not share memory with {other_name}")
+
 
 # ---- value checks (host reads) ----
 
@@ -89,63 +201,90 @@ def check_cu_seqlens_values(cu_seqlens, total_tokens, max_seqlen=None, ref_name=
               f"{longest}")
 
 
-def check_cache_values(C, lens, *, append=False, budget=None, pos=None):
-    """The value checks of the decode ops: 0 <= lens <= C (< C when appending), 0 <= budget <= C
-    (<= C - 1 when appending: decode_step_ needs C >= budget + 1), pos >= 0."""
-    for b, n in enumerate(lens.tolist()):
-        check(n >= 0, lambda: f"lens: expected non-negative lengths, got lens[{b}] = {n}")
-        check(n <= C, lambda: f"lens: lens[{b}] = {n} exceeds the cache capacity C = {C}")
-        check(not append or n < C, lambda: f"lens: capacity overflow: sequence {b} already holds {n} tokens, the "
-              f"capacity C of k_cache, so no slot is left to append to")
+def _first(mask, t):
+    """(index tuple, value) of the first True of mask in t, for messages."""
+    where = tuple(int(i) for i in mask.nonzero()[0])
+    return list(where), int(t[where])
+
+
+def check_block_table_values(block_table, num_pages):
+    """Page ids in [-1, P) (-1: no page), and no page given to two rows of the call."""
+    table = block_table.cpu()
+    bad = (table < -1) | (table >= num_pages)
+    if bool(bad.any()):
+        where, value = _first(bad, table)
+        check(False, f"block_table: expected page ids in [-1, {num_pages}) (-1: no page), got block_table{where} "
+              f"= {value}")
+    pages = table[table >= 0]
+    unique, counts = pages.unique(return_counts=True)
+    if bool((counts > 1).any()):
+        page = int(unique[counts > 1][0])
+        rows = (table == page).nonzero()[:2, :2].tolist()
+        check(False, f"block_table: page {page} is given to more than one row (rows {rows[0]} and {rows[1]}, as "
+              f"[sequence, KV head]); a page belongs to one row")
+
+
+def check_paged_values(capacity, lens, *, append=False, budget=None, pos=None, block_table=None, num_pages=None):
+    """The value checks of the paged ops: 0 <= lens <= C (< C when appending), 0 <= budget <= C
+    (<= C - 1 when appending: decode_step_ needs C >= budget + 1), pos >= 0, block_table's page
+    ids, where C = M * page_size is a row's capacity."""
+    lens_h = lens.cpu()
+    for bad, what in ((lens_h < 0, "expected non-negative lengths"), (lens_h > capacity, f"exceeds the capacity "
+                      f"C = {capacity} of a row (block_table width x page size)")):
+        if bool(bad.any()):
+            where, value = _first(bad, lens_h)
+            check(False, f"lens: lens{where} = {value}: {what}")
+    if append and bool((lens_h >= capacity).any()):
+        where, value = _first(lens_h >= capacity, lens_h)
+        check(False, f"lens: capacity overflow: row {where} already holds {value} tokens, the capacity C = "
+              f"{capacity} of a row, so no slot is left to append to")
     if budget is not None:
-        max_budget = C - 1 if append else C
+        budget_h = budget.cpu()
+        top = capacity - 1 if append else capacity
         why = " minus the slot of the appended token (decode_step_ needs C >= budget + 1)" if append else ""
-        for b, keep in enumerate(budget.tolist()):
-            check(keep >= 0, lambda: f"budget: expected non-negative budgets, got budget[{b}] = {keep}")
-            check(keep <= max_budget, lambda: f"budget: budget[{b}] = {keep} exceeds the capacity C = {C}{why}")
+        for bad, what in ((budget_h < 0, "expected non-negative budgets"),
+                          (budget_h > top, f"exceeds the capacity C = {capacity}{why}")):
+            if bool(bad.any()):
+                where, value = _first(bad, budget_h)
+                check(False, f"budget: budget{where} = {value}: {what}")
     if pos is not None:
-        for b, p in enumerate(pos.tolist()):
-            check(p >= 0, lambda: f"pos: expected non-negative token positions, got pos[{b}] = {p}")
+        pos_h = pos.cpu()
+        if bool((pos_h < 0).any()):
+            where, value = _first(pos_h < 0, pos_h)
+            check(False, f"pos: expected non-negative token positions, got pos{where} = {value}")
+    if block_table is not None:
+        check_block_table_values(block_table, num_pages)
+
 
 # ---- layer dimension ----
 
-KMEANS_MAX_N = 256  # the CUDA kernel keeps a row in shared memory
 
-
-def _check_row_major(t, name):
-    check(t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1,
-          lambda: f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
-
-
-def _check_epilogue(residual, attn_out, cu_seqlens, cos_sum):
+def _check_epilogue(residual, attn_out, cu_seqlens, cos_sum, weight=None):
     check_dtype(residual, FLOAT_KV, "residual")
     check_rank(residual, 2, "residual")
-    _check_row_major(residual, "residual")
+    check_last_contiguous(residual, "residual")
     check_dtype(attn_out, residual.dtype, "attn_out")
-    check(attn_out.shape == residual.shape,
-          lambda: f"attn_out: expected shape {tuple(residual.shape)} (that of residual), got {tuple(attn_out.shape)}")
-    _check_row_major(attn_out, "attn_out")
+    check_shape(attn_out, residual.shape, "attn_out", " (that of residual)")
+    check_last_contiguous(attn_out, "attn_out")
     check_device(attn_out, residual, "attn_out", "residual")
-    check_dtype(cu_seqlens, torch.int32, "cu_seqlens")
-    check_rank(cu_seqlens, 1, "cu_seqlens")
-    check(cu_seqlens.shape[0] >= 1,
-          lambda: f"cu_seqlens: expected B + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}")
-    check_device(cu_seqlens, residual, "cu_seqlens", "residual")
+    if weight is not None:
+        check_dtype(weight, FLOAT_KV, "weight")
+        check_shape(weight, (residual.shape[1],), "weight")
+        check_device(weight, residual, "weight", "residual")
+    check_cu_seqlens(cu_seqlens, residual, "residual")
     check_dtype(cos_sum, torch.float32, "cos_sum")
     check_rank(cos_sum, 1, "cos_sum")
     check(cos_sum.shape[0] == cu_seqlens.shape[0] - 1,
           lambda: f"cos_sum: expected {cu_seqlens.shape[0] - 1} entries (one per sequence of cu_seqlens), "
           f"got shape {tuple(cos_sum.shape)}")
     check_device(cos_sum, residual, "cos_sum", "residual")
+    check_written([(residual, "residual"), (cos_sum, "cos_sum")],
+                  [(attn_out, "attn_out"), (weight, "weight"), (cu_seqlens, "cu_seqlens")])
 
 
 def add_rmsnorm_cossim(residual, attn_out, weight, cu_seqlens, cos_sum, eps):
-    _check_epilogue(residual, attn_out, cu_seqlens, cos_sum)
-    check_dtype(weight, FLOAT_KV, "weight")
-    check(weight.dim() == 1 and weight.shape[0] == residual.shape[1],
-          lambda: f"weight: expected shape ({residual.shape[1]},), got {tuple(weight.shape)}")
-    check_device(weight, residual, "weight", "residual")
-    check(eps >= 0, lambda: f"eps: expected eps >= 0, got {eps}")
+    _check_epilogue(residual, attn_out, cu_seqlens, cos_sum, weight)
+    check(math.isfinite(eps) and eps >= 0, lambda: f"eps: expected a finite eps >= 0, got {eps}")
     return residual.new_empty(residual.shape)
 
 
@@ -156,7 +295,7 @@ def add_cossim(residual, attn_out, cu_seqlens, cos_sum):
 def _check_kmeans(x, k, name):
     check_dtype(x, torch.float32, name)
     check_rank(x, 2, name)
-    _check_row_major(x, name)
+    check_last_contiguous(x, name)
     n = x.shape[1]
     check(n <= KMEANS_MAX_N, lambda: f"{name}: at most {KMEANS_MAX_N} values per row, got {n}")
     check(k >= 1, lambda: f"k: expected k >= 1, got {k}")
@@ -172,14 +311,13 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
     _check_kmeans(sim, k, "sim")
     B = sim.shape[0]
     check_dtype(base, torch.float32, "base")
-    check(base.dim() == 1 and base.shape[0] == B, lambda: f"base: expected shape ({B},), got {tuple(base.shape)}")
+    check_shape(base, (B,), "base")
     check_device(base, sim, "base", "sim")
     check(p > 0 and math.isfinite(p), lambda: f"p: expected a finite p > 0, got {p}")
     check(0 <= min_budget <= 2**31 - 1, lambda: f"min_budget: expected 0 <= min_budget < 2**31, got {min_budget}")
     if max_budget is not None:
         check_dtype(max_budget, torch.int32, "max_budget")
-        check(max_budget.dim() == 1 and max_budget.shape[0] == B,
-              lambda: f"max_budget: expected shape ({B},), got {tuple(max_budget.shape)}")
+        check_shape(max_budget, (B,), "max_budget")
         check_device(max_budget, sim, "max_budget", "sim")
     budgets = sim.new_empty(sim.shape, dtype=torch.int32)
     return budgets, sim.new_empty(sim.shape, dtype=torch.int32), sim.new_empty((B, k))
@@ -187,66 +325,158 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
 # ---- prefill ----
 
 
-def _check_prefill_packed(t, name):
+def _check_packed(t, name):
     check_rank(t, 3, name)
     check_dtype(t, FLOAT_KV, name)
-    check(t.shape[-1] <= 1 or t.stride(-1) == 1,
-          lambda: f"{name}: last dimension must be contiguous, got strides {t.stride()}")
-
-
-def _check_prefill_index(t, shape, name, ref, ref_name="k"):
-    """An int32 contiguous index tensor of the given shape on ref's device."""
-    check_rank(t, len(shape), name)
-    check_dtype(t, torch.int32, name)
-    check(tuple(t.shape) == tuple(shape), lambda: f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    check_device(t, ref, name, ref_name)
-    check(t.is_contiguous(), lambda: f"{name}: expected a contiguous tensor, got strides {t.stride()}")
-
-
-def _check_prefill_cu_seqlens(cu_seqlens, ref, ref_name):
-    check_rank(cu_seqlens, 1, "cu_seqlens")
-    check(cu_seqlens.shape[0] >= 1, "cu_seqlens: expected B+1 >= 1 entries, got 0")
-    _check_prefill_index(cu_seqlens, tuple(cu_seqlens.shape), "cu_seqlens", ref, ref_name)
+    check_last_contiguous(t, name)
 
 
 def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries):
     """q [T, H, D], k/v [T, Hkv, D] (same dtype), cu_seqlens int32 [B+1] ->
     out [T, H, D] (q's dtype), lse fp32 [T, H], scores fp32 [T, Hkv] ([0, Hkv] if score_queries < 0)."""
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_prefill_packed(t, name)
+        _check_packed(t, name)
         check_device(t, q, name, "q")
     T, H, D = q.shape
     Hkv = k.shape[1]
     check(k.dtype == q.dtype and v.dtype == q.dtype,
           lambda: f"k, v: expected dtype {q.dtype} (that of q), got {k.dtype} and {v.dtype}")
-    check(tuple(v.shape) == tuple(k.shape),
-          lambda: f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    check_shape(v, k.shape, "v", " (that of k)")
     check(k.shape[0] == T, lambda: f"k: expected {T} tokens (those of q), got shape {tuple(k.shape)}")
     check(k.shape[2] == D, lambda: f"k: expected head dim {D} (that of q), got shape {tuple(k.shape)}")
     check(Hkv > 0 and H % Hkv == 0, lambda: f"k: the number of KV heads ({Hkv}) must divide the query heads ({H})")
-    _check_prefill_cu_seqlens(cu_seqlens, q, "q")
+    check_cu_seqlens(cu_seqlens, q, "q")
     check(max_seqlen >= 0, lambda: f"max_seqlen: expected >= 0, got {max_seqlen}")
+    check_scale(scale)
+    check(score_queries >= -1, lambda: f"score_queries: expected -1 (none), 0 (all) or W > 0, got {score_queries}")
     out = q.new_empty(T, H, D)
     lse = q.new_empty(T, H, dtype=torch.float32)
     scores = q.new_empty(T if score_queries >= 0 else 0, Hkv, dtype=torch.float32)
     return out, lse, scores
 
 
-def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
-                 k_cache, v_cache, lens, slot_pos, cache_scores):
-    """k/v [T, Hkv, D], scores fp32 [T, Hkv] or [0, Hkv], cu_seqlens int32 [B+1], budget int32 [B];
-    writes k_cache/v_cache [B, Hkv, C, D] (k's dtype), lens int32 [B], slot_pos int32 [B, Hkv, C],
-    cache_scores fp32 [B, Hkv, C]."""
-    _check_prefill_packed(k, "k")
-    _check_prefill_packed(v, "v")
+# ---- the paged KV cache ----
+
+
+def check_pool(k_pages, v_pages, pos_pages=None, score_pages=None):
+    """K/V pages [P, S, D] (fp16/bf16/fp32, last dim contiguous, one dtype), position pages
+    int32 [P, S], score pages fp32 [P, S] (last dims contiguous). Returns (P, S, D)."""
+    check_rank(k_pages, 3, "k_pages")
+    check_dtype(k_pages, FLOAT_KV, "k_pages")
+    check_last_contiguous(k_pages, "k_pages")
+    check_shape(v_pages, k_pages.shape, "v_pages", " (that of k_pages)")
+    check_dtype(v_pages, k_pages.dtype, "v_pages")
+    check_device(v_pages, k_pages, "v_pages", "k_pages")
+    check_last_contiguous(v_pages, "v_pages")
+    P, S, D = k_pages.shape
+    check(S > 0, lambda: f"k_pages: expected a page size > 0, got shape {tuple(k_pages.shape)}")
+    for t, name, dtype in ((pos_pages, "pos_pages", torch.int32), (score_pages, "score_pages", torch.float32)):
+        if t is not None:
+            check_rank(t, 2, name)
+            check_shape(t, (P, S), name, " (that of k_pages without D)")
+            check_dtype(t, dtype, name)
+            check_device(t, k_pages, name, "k_pages")
+            check_last_contiguous(t, name)
+    return P, S, D
+
+
+def check_rows(block_table, lens, k_pages):
+    """block_table int32 [B, Hkv, M] (Hkv > 0), lens int32 [B, Hkv], both contiguous on the
+    pool's device. Returns (B, Hkv, M)."""
+    check_rank(block_table, 3, "block_table")
+    check_dtype(block_table, torch.int32, "block_table")
+    check_device(block_table, k_pages, "block_table", "k_pages")
+    check_contiguous(block_table, "block_table")
+    B, Hkv, M = block_table.shape
+    check(Hkv > 0, lambda: f"block_table: expected at least one KV head, got shape {tuple(block_table.shape)}")
+    check_index(lens, (B, Hkv), "lens", k_pages, "k_pages")
+    return B, Hkv, M
+
+
+def _check_query(q, B, Hkv, D, k_pages):
+    """q [B, H, D] in the pool's dtype with H a positive multiple of Hkv."""
+    check_rank(q, 3, "q")
+    check(q.shape[0] == B and q.shape[2] == D, lambda: f"q: expected shape ({B}, H, {D}) (the rows of block_table "
+          f"and the head dim of k_pages), got {tuple(q.shape)}")
+    check(q.shape[1] > 0 and q.shape[1] % Hkv == 0, lambda: f"q: the number of query heads ({q.shape[1]}) must be "
+          f"a positive multiple of the number of KV heads ({Hkv})")
+    check_dtype(q, k_pages.dtype, "q")
+    check_device(q, k_pages, "q", "k_pages")
+    check_last_contiguous(q, "q")
+
+
+def _check_new_token(k_new, v_new, pos, B, Hkv, D, k_pages):
+    """k_new, v_new [B, Hkv, D] in the pool's dtype, pos int32 [B]."""
+    for t, name in ((k_new, "k_new"), (v_new, "v_new")):
+        check_rank(t, 3, name)
+        check_shape(t, (B, Hkv, D), name)
+        check_dtype(t, k_pages.dtype, name)
+        check_device(t, k_pages, name, "k_pages")
+        check_last_contiguous(t, name)
+    check_index(pos, (B,), "pos", k_pages, "k_pages")
+
+
+def _cache_args(k_pages, v_pages, pos_pages, score_pages, block_table, lens):
+    _, _, D = check_pool(k_pages, v_pages, pos_pages, score_pages)
+    return (*check_rows(block_table, lens, k_pages), D)
+
+
+_POOL_NAMES = ("k_pages", "v_pages", "pos_pages", "score_pages")
+
+
+def decode_attention(q, k_pages, v_pages, block_table, lens, scale, score_pages):
+    _, _, D = check_pool(k_pages, v_pages, None, score_pages)
+    B, Hkv, _ = check_rows(block_table, lens, k_pages)
+    _check_query(q, B, Hkv, D, k_pages)
+    check_scale(scale)
+    check_written([(score_pages, "score_pages")],
+                  [(q, "q"), (k_pages, "k_pages"), (v_pages, "v_pages"), (block_table, "block_table"), (lens, "lens")])
+    return q.new_empty(q.shape)
+
+
+def cache_append_(k_pages, v_pages, pos_pages, score_pages, block_table, lens, k_new, v_new, pos):
+    B, Hkv, _, D = _cache_args(k_pages, v_pages, pos_pages, score_pages, block_table, lens)
+    _check_new_token(k_new, v_new, pos, B, Hkv, D, k_pages)
+    check_written(list(zip((k_pages, v_pages, pos_pages, score_pages, lens), _POOL_NAMES + ("lens",))),
+                  [(block_table, "block_table"), (k_new, "k_new"), (v_new, "v_new"), (pos, "pos")])
+
+
+def cache_evict_(k_pages, v_pages, pos_pages, score_pages, block_table, lens, budget, policy, sinks, recent_ratio):
+    B, Hkv, _, _ = _cache_args(k_pages, v_pages, pos_pages, score_pages, block_table, lens)
+    check_index(budget, (B, Hkv), "budget", k_pages, "k_pages")
+    check_policy_args(policy, sinks, recent_ratio)
+    check_written(list(zip((k_pages, v_pages, pos_pages, score_pages, lens), _POOL_NAMES + ("lens",))),
+                  [(block_table, "block_table"), (budget, "budget")])
+
+
+def decode_step_(q, k_new, v_new, pos, k_pages, v_pages, pos_pages, score_pages, block_table, lens, budget, scale,
+                 policy, sinks, recent_ratio, accumulate_scores):
+    B, Hkv, _, D = _cache_args(k_pages, v_pages, pos_pages, score_pages, block_table, lens)
+    _check_query(q, B, Hkv, D, k_pages)
+    _check_new_token(k_new, v_new, pos, B, Hkv, D, k_pages)
+    check_index(budget, (B, Hkv), "budget", k_pages, "k_pages")
+    check_scale(scale)
+    check_policy_args(policy, sinks, recent_ratio)
+    check_written(list(zip((k_pages, v_pages, pos_pages, score_pages, lens), _POOL_NAMES + ("lens",))),
+                  [(q, "q"), (block_table, "block_table"), (budget, "budget"), (k_new, "k_new"), (v_new, "v_new"),
+                   (pos, "pos")])
+    return q.new_empty(q.shape)
+
+
+def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio, pool_size, pool_mode,
+                 k_pages, v_pages, pos_pages, score_pages, block_table, lens):
+    """k/v [T, Hkv, D], scores fp32 [T, Hkv] or [0, Hkv], cu_seqlens int32 [B+1], budget int32
+    [B, Hkv]; writes the rows of block_table [B, Hkv, M] in the pool and lens [B, Hkv]."""
+    _check_packed(k, "k")
+    _check_packed(v, "v")
     check_device(v, k, "v", "k")
     check(v.dtype == k.dtype, lambda: f"v: expected dtype {k.dtype} (that of k), got {v.dtype}")
-    check(tuple(v.shape) == tuple(k.shape),
-          lambda: f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    check_shape(v, k.shape, "v", " (that of k)")
     T, Hkv, D = k.shape
-    check_policy(policy)
-    check(sinks >= 0, lambda: f"sinks: expected >= 0, got {sinks}")
-    check(0.0 <= recent_ratio <= 1.0, lambda: f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
+    check_policy_args(policy, sinks, recent_ratio)
+    check(pool_size >= 1 and pool_size % 2 == 1, lambda: f"pool_size: expected an odd number of positions >= 1 "
+          f"(1: no pooling), got {pool_size}")
+    check(pool_mode in POOL_MODES, lambda: f"pool_mode: expected one of {POOL_MODES}, got {pool_mode!r}")
     check_rank(scores, 2, "scores")
     check_dtype(scores, torch.float32, "scores")
     check_device(scores, k, "scores", "k")
@@ -255,138 +485,20 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
     check(policy != "h2o" or scores.shape[0] == T,
           lambda: f"scores: policy 'h2o' needs the column scores ({T}, {Hkv}) of prefill_attention, "
                   f"got shape {tuple(scores.shape)}")
-    check(scores.is_contiguous(), lambda: f"scores: expected a contiguous tensor, got strides {scores.stride()}")
-    _check_prefill_cu_seqlens(cu_seqlens, k, "k")
+    check_contiguous(scores, "scores")
+    check_cu_seqlens(cu_seqlens, k, "k")
     B = cu_seqlens.shape[0] - 1
-    _check_prefill_index(budget, (B,), "budget", k)
-    for t, name in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-        check_rank(t, 4, name)
-        check(t.dtype == k.dtype, lambda: f"{name}: expected dtype {k.dtype} (that of k), got {t.dtype}")
-        check_device(t, k, name, "k")
-        check(t.shape[0] == B and t.shape[1] == Hkv and t.shape[3] == D,
-              lambda: f"{name}: expected shape ({B}, {Hkv}, C, {D}), got {tuple(t.shape)}")
-        check(t.shape[-1] <= 1 or t.stride(-1) == 1,
-              lambda: f"{name}: last dimension must be contiguous, got strides {t.stride()}")
-    C = k_cache.shape[2]
-    check(v_cache.shape[2] == C,
-          lambda: f"v_cache: expected capacity {C} (that of k_cache), got shape {tuple(v_cache.shape)}")
-    _check_prefill_index(lens, (B,), "lens", k)
-    _check_prefill_index(slot_pos, (B, Hkv, C), "slot_pos", k)
-    check_rank(cache_scores, 3, "cache_scores")
-    check_dtype(cache_scores, torch.float32, "cache_scores")
-    check(tuple(cache_scores.shape) == (B, Hkv, C),
-          lambda: f"cache_scores: expected shape {(B, Hkv, C)}, got {tuple(cache_scores.shape)}")
-    check_device(cache_scores, k, "cache_scores", "k")
-    check(cache_scores.is_contiguous(),
-          lambda: f"cache_scores: expected a contiguous tensor, got strides {cache_scores.stride()}")
-
-# ---- decode ----
-
-
-def _check_last_contiguous(t, name):
-    check(t.size(-1) <= 1 or t.stride(-1) == 1,
-          lambda: f"{name}: last dimension must be contiguous, got strides {tuple(t.stride())}")
-
-
-def _check_index_vector(t, B, name, ref):
-    """An int32 [B] contiguous per-sequence vector (lens, pos, budget) on the cache's device."""
-    check_rank(t, 1, name)
-    check(t.shape[0] == B, lambda: f"{name}: expected shape ({B},) (one entry per sequence), got {tuple(t.shape)}")
-    check_dtype(t, torch.int32, name)
-    check_device(t, ref, name, "k_cache")
-    check(t.is_contiguous(), lambda: f"{name}: expected a contiguous tensor, got strides {tuple(t.stride())}")
-
-
-def _check_kv(k_cache, v_cache, lens):
-    """k_cache, v_cache [B, Hkv, C, D] (fp16/bf16/fp32, last dim contiguous), lens int32 [B]."""
-    check_rank(k_cache, 4, "k_cache")
-    check_dtype(k_cache, FLOAT_KV, "k_cache")
-    _check_last_contiguous(k_cache, "k_cache")
-    check(v_cache.shape == k_cache.shape,
-          lambda: f"v_cache: expected shape {tuple(k_cache.shape)} (that of k_cache), got {tuple(v_cache.shape)}")
-    check_dtype(v_cache, k_cache.dtype, "v_cache")
-    check_device(v_cache, k_cache, "v_cache", "k_cache")
-    _check_last_contiguous(v_cache, "v_cache")
-    _check_index_vector(lens, k_cache.shape[0], "lens", k_cache)
-    return tuple(k_cache.shape)
-
-
-def _check_slot_tensor(t, name, dtype, k_cache):
-    """slot_pos (int32) or scores (fp32): [B, Hkv, C], last dim contiguous."""
-    B, Hkv, C, _ = k_cache.shape
-    check_rank(t, 3, name)
-    check(tuple(t.shape) == (B, Hkv, C),
-          lambda: f"{name}: expected shape {(B, Hkv, C)} (that of k_cache without D), got {tuple(t.shape)}")
-    check_dtype(t, dtype, name)
-    check_device(t, k_cache, name, "k_cache")
-    _check_last_contiguous(t, name)
-
-
-def _check_cache(k_cache, v_cache, lens, slot_pos, scores):
-    shape = _check_kv(k_cache, v_cache, lens)
-    _check_slot_tensor(slot_pos, "slot_pos", torch.int32, k_cache)
-    _check_slot_tensor(scores, "scores", torch.float32, k_cache)
-    return shape
-
-
-def _check_query(q, k_cache):
-    """q [B, H, D] in the cache dtype with H a positive multiple of Hkv."""
-    B, Hkv, _, D = k_cache.shape
-    check_rank(q, 3, "q")
-    check(q.shape[0] == B and q.shape[2] == D,
-          lambda: f"q: expected shape ({B}, H, {D}) (batch and head dim of k_cache), got {tuple(q.shape)}")
-    check(q.shape[1] > 0 and q.shape[1] % Hkv == 0,
-          lambda: f"q: the number of query heads ({q.shape[1]}) must be a positive multiple of the number of "
-          f"KV heads ({Hkv})")
-    check_dtype(q, k_cache.dtype, "q")
-    check_device(q, k_cache, "q", "k_cache")
-    _check_last_contiguous(q, "q")
-
-
-def _check_new_token(k_new, v_new, pos, k_cache):
-    """k_new, v_new [B, Hkv, D] in the cache dtype, pos int32 [B]."""
-    B, Hkv, _, D = k_cache.shape
-    for t, name in ((k_new, "k_new"), (v_new, "v_new")):
-        check_rank(t, 3, name)
-        check(tuple(t.shape) == (B, Hkv, D), lambda: f"{name}: expected shape {(B, Hkv, D)}, got {tuple(t.shape)}")
-        check_dtype(t, k_cache.dtype, name)
-        check_device(t, k_cache, name, "k_cache")
-        _check_last_contiguous(t, name)
-    _check_index_vector(pos, B, "pos", k_cache)
-
-
-def _check_policy_args(budget, policy, sinks, recent_ratio, k_cache):
-    _check_index_vector(budget, k_cache.shape[0], "budget", k_cache)
-    check_policy(policy)
-    check(sinks >= 0, lambda: f"sinks: expected a non-negative number of sink tokens, got {sinks}")
-    check(0.0 <= recent_ratio <= 1.0, lambda: f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
-
-
-def decode_attention(q, k_cache, v_cache, lens, scale, scores):
-    _check_kv(k_cache, v_cache, lens)
-    _check_query(q, k_cache)
-    if scores is not None:
-        _check_slot_tensor(scores, "scores", torch.float32, k_cache)
-    return q.new_empty(q.shape)
-
-
-def cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos):
-    _check_cache(k_cache, v_cache, lens, slot_pos, scores)
-    _check_new_token(k_new, v_new, pos, k_cache)
-
-
-def cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks, recent_ratio):
-    _check_cache(k_cache, v_cache, lens, slot_pos, scores)
-    _check_policy_args(budget, policy, sinks, recent_ratio, k_cache)
-
-
-def decode_step_(q, k_new, v_new, pos, k_cache, v_cache, lens, slot_pos, scores, budget, scale, policy,
-                 sinks, recent_ratio, accumulate_scores):
-    _check_cache(k_cache, v_cache, lens, slot_pos, scores)
-    _check_query(q, k_cache)
-    _check_new_token(k_new, v_new, pos, k_cache)
-    _check_policy_args(budget, policy, sinks, recent_ratio, k_cache)
-    return q.new_empty(q.shape)
+    check(k_pages.dtype == k.dtype, lambda: f"k_pages: expected dtype {k.dtype} (that of k), got {k_pages.dtype}")
+    check_device(k_pages, k, "k_pages", "k")
+    _, _, page_dim = check_pool(k_pages, v_pages, pos_pages, score_pages)
+    check(page_dim == D, lambda: f"k_pages: expected head dim {D} (that of k), got shape {tuple(k_pages.shape)}")
+    check(block_table.dim() == 3 and block_table.shape[:2] == (B, Hkv), lambda: f"block_table: expected shape "
+          f"({B}, {Hkv}, M) (the sequences of cu_seqlens and the KV heads of k), got {tuple(block_table.shape)}")
+    check_rows(block_table, lens, k_pages)
+    check_index(budget, (B, Hkv), "budget", k, "k")
+    check_written(list(zip((k_pages, v_pages, pos_pages, score_pages, lens), _POOL_NAMES + ("lens",))),
+                  [(k, "k"), (v, "v"), (scores, "scores"), (cu_seqlens, "cu_seqlens"), (budget, "budget"),
+                   (block_table, "block_table")])
 
 
 FAKE_KERNELS = {

@@ -1,9 +1,20 @@
 """Public, typed wrappers of torch.ops.squeeze.*: the math, shapes, dtypes and what each op
-mutates. Validation happens in the op itself (C++ checks or the Triton launcher's metadata
-check), so calling torch.ops.squeeze.* directly is just as safe."""
+mutates, with defaults. Validation happens in the op itself (C++ checks or the Triton
+launcher's checks), so calling torch.ops.squeeze.* directly is just as safe.
+
+The paged KV cache (README "Tensor conventions"): one pool per model, k_pages / v_pages
+[P, S, D], pos_pages int32 [P, S] (the position a slot holds, -1 empty) and score_pages fp32
+[P, S] (H2O's accumulated attention mass); a row is one (sequence, layer, KV head), with a
+block table row of M page ids (slot j at page table[j // S], offset j % S; capacity
+C = M * S) and a length. The decode ops take one layer's rows of B sequences:
+block_table int32 [B, Hkv, M], lens int32 [B, Hkv], budget int32 [B, Hkv]. A page id outside
+[0, P) (conventionally -1) is no page: its slots read as empty and writes to them are dropped;
+value checks (on CPU, and on the GPU under SQUEEZE_DEBUG=1) refuse ids other than -1 outside
+the pool and a page given to two rows.
+"""
 import torch
 
-from .vocabulary import DEFAULT_POLICY, DEFAULT_RECENT_RATIO, DEFAULT_SINKS
+from .vocabulary import DEFAULT_K, DEFAULT_POLICY, DEFAULT_RECENT_RATIO, DEFAULT_SINKS
 
 __all__ = [
     # ---- layer dimension ----
@@ -14,7 +25,6 @@ __all__ = [
     # ---- prefill ----
     "prefill_attention",
     "compress_kv_",
-    "compress_kv",
     # ---- decode ----
     "decode_attention",
     "cache_append_",
@@ -33,52 +43,70 @@ def add_rmsnorm_cossim(residual: torch.Tensor, attn_out: torch.Tensor, weight: t
         new_t = old_t + attn_out_t                     (rounded to residual's dtype, stored)
         out_t = new_t * rsqrt(mean(new_t^2) + eps) * weight        (fp32 math)
         cos_sum[b] += cos(old_t, new_t) = old.new / (max(|old|, 1e-8) * max(|new|, 1e-8))
-    One pass over the data (the bytes of an add + RMSNorm). Summing cos_sum over the prompt
-    and dividing by its length gives the layer score of SqueezeAttention (see plan_budgets).
+    One pass over the data (the bytes of an add + RMSNorm). Summing cos_sum over the prompt and
+    dividing by its length gives the layer score of SqueezeAttention (engine.planner.allocate).
 
-    residual: [T, d] fp16/bf16/fp32, last dim contiguous; MUTATED (becomes new).
-    attn_out: [T, d], residual's dtype. weight: [d], fp16/bf16/fp32.
-    cu_seqlens: int32 [B + 1], 0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = T.
-    cos_sum: fp32 [B]; MUTATED (accumulated, not overwritten: zero it before the prompt).
-    Returns out [T, d] in residual's dtype.
+    Args:
+        residual: [T, d] fp16/bf16/fp32, last dim contiguous.
+        attn_out: [T, d], residual's dtype. weight: [d], fp16/bf16/fp32 (any stride).
+        cu_seqlens: int32 [B + 1] contiguous, 0 = cu_seqlens[0] <= ... <= cu_seqlens[B] = T.
+        cos_sum: fp32 [B]. eps: finite, >= 0.
+    Returns:
+        out [T, d] in residual's dtype.
+    Mutates:
+        residual (becomes new); cos_sum (accumulated, not overwritten: zero it before the prompt).
     """
     return torch.ops.squeeze.add_rmsnorm_cossim(residual, attn_out, weight, cu_seqlens, cos_sum, eps)
 
 
 def add_cossim(residual: torch.Tensor, attn_out: torch.Tensor, cu_seqlens: torch.Tensor,
                cos_sum: torch.Tensor) -> None:
-    """add_rmsnorm_cossim without the norm: residual <- residual + attn_out (MUTATED) and
-    cos_sum[b] += sum over the tokens of sequence b of cos(old, new) (MUTATED). Same shapes."""
+    """add_rmsnorm_cossim without the norm: residual <- residual + attn_out and
+    cos_sum[b] += sum over the tokens of sequence b of cos(old, new).
+
+    Args: as add_rmsnorm_cossim. Returns: nothing. Mutates: residual, cos_sum.
+    """
     torch.ops.squeeze.add_cossim(residual, attn_out, cu_seqlens, cos_sum)
 
 
-def kmeans1d(x: torch.Tensor, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact optimal 1-D K-Means of every row of x (fp32 [B, N], N <= 256) into 1 <= k <= N groups.
+def kmeans1d(x: torch.Tensor, k: int = DEFAULT_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact optimal 1-D K-Means of every row of x into 1 <= k <= N groups.
 
     Minimises the within-group sum of squares globally (DP over the sorted distinct values,
     O(k N^2)); deterministic, and CPU and CUDA give identical labels. Groups are numbered by
     ascending centroid. Equal values always share a label. With m < k distinct values only
     labels 0..m-1 are used and centroids[:, m:] are NaN. Ties in cost: the split that makes
     the higher groups as large as possible wins.
-    Returns labels int32 [B, N] and centroids fp32 [B, k].
+
+    Args:
+        x: fp32 [B, N], N <= 256, finite. k: the number of groups.
+    Returns:
+        labels int32 [B, N], centroids fp32 [B, k].
+    Mutates: nothing.
     """
     return torch.ops.squeeze.kmeans1d(x, k)
 
 
-def layer_budgets(sim: torch.Tensor, base, p: float, k: int = 3, min_budget: int = 1,
+def layer_budgets(sim: torch.Tensor, base, p: float, k: int = DEFAULT_K, min_budget: int = 1,
                   max_budget=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SqueezeAttention's per-layer KV budgets, clustering and formula in one launch.
 
-    sim: fp32 [B, L] mean cosine similarity per layer (high = the layer changed little).
-    base: uniform budget per layer in tokens (b_init * BASE): fp32 [B], or a number for all.
     Each row is clustered by kmeans1d(sim, k); the top group G (label k-1, the most similar
     layers) is squeezed to floor(p * base), every other layer gets
-    floor(base * (L - p|G|) / (L - |G|)), so the total L * base is kept up to the floors
-    (L * base - L < sum <= L * base before clamping). If G is empty (fewer distinct values than
-    k) or holds every layer, every layer gets floor(base); p = 1 gives that uniform split too.
-    Then budget = max(min_budget, budget) and, if max_budget (int32 [B] or a number) is given,
-    min(max_budget, budget).
-    Returns budgets int32 [B, L], labels int32 [B, L], centroids fp32 [B, k].
+        floor(base * (L - p|G|) / (L - |G|)),
+    so the total L * base is kept up to the floors (L * base - L < sum <= L * base before the
+    bounds). If G is empty (fewer distinct values than k) or holds every layer, every layer
+    gets floor(base); p = 1 gives that uniform split too. Then budget = max(min_budget,
+    budget) and, if max_budget is given, min(max_budget, budget).
+
+    Args:
+        sim: fp32 [B, L] mean cosine similarity per layer (high = the layer changed little).
+        base: uniform budget per layer in tokens (b_init * BASE): fp32 [B], or a number for all.
+        p: finite, > 0. k: 1 <= k <= L. min_budget: >= 0.
+        max_budget: int32 [B] or a number, optional.
+    Returns:
+        budgets int32 [B, L], labels int32 [B, L], centroids fp32 [B, k].
+    Mutates: nothing.
     """
     B = sim.shape[0]
     if not isinstance(base, torch.Tensor):
@@ -104,19 +132,21 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, score_qu
         scores[j, g] = sum_{h in group g} sum_{i in window, i >= j} p[h, i, j]
     The window is every query of the sequence for score_queries == 0 (H2O's accumulated
     attention), its last W queries for score_queries == W > 0 (SnapKV's observation window);
-    score_queries < 0 computes no scores.
+    score_queries == -1 computes no scores.
 
     Args:
         q: [T, H, D]; k, v: [T, Hkv, D], one dtype (fp16/bf16 on the GPU, also fp32 on CPU),
             last dim contiguous, H % Hkv == 0. GPU: D a power of two in [16, 256].
-        cu_seqlens: int32 [B+1], the offsets 0 <= ... <= T of the sequences.
+        cu_seqlens: int32 [B+1] contiguous, the offsets 0 <= ... <= T of the sequences.
         max_seqlen: the longest sequence (it sizes the GPU grid); None reads it from
-            cu_seqlens, which costs a host sync.
-        scale: softmax scale, default D ** -0.5.
+            cu_seqlens, which costs a host sync. Rows of a sequence longer than max_seqlen
+            are zeros (lse -inf) on the GPU; an error where value checks run.
+        scale: softmax scale, finite and > 0, default D ** -0.5.
         score_queries: -1 (no scores), 0 (H2O) or W > 0 (last W queries).
     Returns:
         out [T, H, D] (q's dtype), lse fp32 [T, H], scores fp32 [T, Hkv] (an empty [0, Hkv]
-        when score_queries < 0). Nothing is mutated.
+        when score_queries == -1).
+    Mutates: nothing.
     """
     if max_seqlen is None:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
@@ -125,162 +155,166 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen=None, scale=None, score_qu
     return torch.ops.squeeze.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries)
 
 
-def _compress_args(k, scores, cu_seqlens, budget, policy, sinks):
-    """Defaults of the compress wrappers: no scores -> empty [0, Hkv]; an int budget -> one
-    per sequence; sinks 4 for streaming, 0 otherwise."""
-    if scores is None:
-        scores = k.new_empty(0, k.shape[1], dtype=torch.float32)
-    if isinstance(budget, int):
-        budget = torch.full((cu_seqlens.shape[0] - 1,), budget, dtype=torch.int32, device=k.device)
-    if sinks is None:
-        sinks = DEFAULT_SINKS.get(policy, 0)
-    return scores, budget, sinks
-
-
-def compress_kv_(k, v, scores, cu_seqlens, budget, policy, k_cache, v_cache, lens, slot_pos, cache_scores,
-                 *, sinks=None, recent_ratio=DEFAULT_RECENT_RATIO):
-    """Builds a layer's KV cache from the packed prompt K/V, in place: per (sequence b, KV
-    head g) the prompt tokens that the policy keeps within budget[b], exactly the set that
-    evicting one token at a time from the full prompt (scores fixed) would leave:
+def compress_kv_(k, v, scores, cu_seqlens, budget, policy, k_pages, v_pages, pos_pages, score_pages, block_table,
+                 lens, *, sinks=None, recent_ratio=DEFAULT_RECENT_RATIO, pool_size=1, pool_mode="max"):
+    """Builds one layer's rows of the paged cache from the packed prompt K/V, in place: per
+    (sequence b, KV head g) the prompt tokens that the policy keeps within budget[b, g],
+    exactly the set that evicting one token at a time from the full prompt (scores fixed)
+    would leave:
         window:    the newest budget tokens
         streaming: the first `sinks` tokens, then the newest
         h2o:       the first `sinks`, the R = floor(budget * recent_ratio) newest, and the
-                   rest of the budget to the highest column scores (ties: the later token)
+                   rest of the budget to the highest selection scores (ties: the later token)
     (When the protected tokens alone exceed the budget, the oldest non-sinks go first, then
-    the oldest sinks.) The kept tokens fill slots 0 .. lens[b]-1 in ascending position.
+    the oldest sinks.) The selection score of position j is its column score pooled over
+    pool_size neighbours inside the sequence (SnapKV): the max ("max") or the mean ("avg") of
+    the scores at j - r .. j + r, r = pool_size // 2 (pool_size 1: the score itself); NaN counts
+    as -inf. The kept tokens fill slots 0 .. lens[b, g]-1 in ascending position.
 
     Args:
         k, v: [T, Hkv, D] packed prompt keys/values (post-RoPE, as attended).
         scores: fp32 [T, Hkv] column scores of prefill_attention (needed by h2o), or None.
-        cu_seqlens: int32 [B+1] offsets; budget: int32 [B] (or an int for all), each in
-            [0, C] (checked on CPU; clamped on the GPU, checked there under SQUEEZE_DEBUG=1).
-        policy: "window", "streaming" or "h2o". sinks: default 4 for streaming, 0 for h2o,
-            ignored by window. recent_ratio: h2o's recent share of the budget.
+        cu_seqlens: int32 [B+1]; budget: int32 [B, Hkv] (or an int for every row), each in
+            [0, C] (checked where value checks run; clamped on the GPU otherwise).
+        policy: "window", "streaming" or "h2o". sinks: default vocabulary.DEFAULT_SINKS (4 for
+            streaming), ignored by window. recent_ratio: h2o's recent share of the budget.
+        pool_size: odd, >= 1. pool_mode: "max" or "avg".
+        k_pages, v_pages [P, S, D] (k's dtype), pos_pages int32 [P, S], score_pages fp32 [P, S]:
+            the pool. block_table: int32 [B, Hkv, M], the rows' pages.
+    Returns: nothing.
     Mutates:
-        k_cache, v_cache [B, Hkv, C, D] (k's dtype): rows of the kept tokens in slots < lens;
-        lens int32 [B] = min(seq_len, budget); slot_pos int32 [B, Hkv, C]: the token's
-        position in its sequence, -1 from lens on; cache_scores fp32 [B, Hkv, C]: its column
-        score (0 without scores), 0 from lens on. K/V rows from lens on are left as they were.
+        the rows' slots in the pool: slots < lens get the kept tokens' K, V, position and
+        selection score (0 without scores); later slots (up to C) position -1 and score 0,
+        their K/V left as they were; lens int32 [B, Hkv] = min(seq_len, budget).
     """
-    scores, budget, sinks = _compress_args(k, scores, cu_seqlens, budget, policy, sinks)
-    torch.ops.squeeze.compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
-                                   k_cache, v_cache, lens, slot_pos, cache_scores)
+    B, Hkv = cu_seqlens.shape[0] - 1, k.shape[1]
+    if scores is None:
+        scores = k.new_empty(0, Hkv, dtype=torch.float32)
+    if isinstance(budget, int):
+        budget = torch.full((B, Hkv), budget, dtype=torch.int32, device=k.device)
+    sinks = DEFAULT_SINKS.get(policy, 0) if sinks is None else sinks
+    torch.ops.squeeze.compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio, pool_size,
+                                   pool_mode, k_pages, v_pages, pos_pages, score_pages, block_table, lens)
 
-
-def compress_kv(k, v, scores, cu_seqlens, budget, policy, capacity, *, sinks=None, recent_ratio=DEFAULT_RECENT_RATIO):
-    """compress_kv_ into a freshly allocated cache of capacity C = `capacity` (the budget plus
-    room for the tokens still to come). Returns (k_cache [B, Hkv, C, D], v_cache, lens int32
-    [B], slot_pos int32 [B, Hkv, C], cache_scores fp32 [B, Hkv, C]); K/V rows from lens on
-    are uninitialised."""
-    B, Hkv, D = cu_seqlens.shape[0] - 1, k.shape[1], k.shape[2]
-    k_cache = k.new_empty(B, Hkv, capacity, D)
-    v_cache = v.new_empty(B, Hkv, capacity, D)
-    lens = torch.empty(B, dtype=torch.int32, device=k.device)
-    slot_pos = torch.empty(B, Hkv, capacity, dtype=torch.int32, device=k.device)
-    cache_scores = torch.empty(B, Hkv, capacity, dtype=torch.float32, device=k.device)
-    compress_kv_(k, v, scores, cu_seqlens, budget, policy, k_cache, v_cache, lens, slot_pos, cache_scores,
-                 sinks=sinks, recent_ratio=recent_ratio)
-    return k_cache, v_cache, lens, slot_pos, cache_scores
 
 # ---- decode ----
 
+
 def _budget_tensor(budget, lens):
-    """An int budget becomes the int32 [B] per-sequence budget tensor on lens' device."""
+    """An int budget becomes the int32 [B, Hkv] budget of every row, on lens' device."""
     if isinstance(budget, torch.Tensor):
         return budget
     return torch.full_like(lens, int(budget))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor,
-                     scale: float | None = None, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of one query token per sequence over a layer cache (decode), GQA-aware.
+def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                     lens: torch.Tensor, scale: float | None = None,
+                     score_pages: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence over its rows of one layer (decode), GQA-aware.
 
-    out[b, h] = sum_{j < lens[b]} p[b, h, j] * v_cache[b, h // G, j],
-    p[b, h, :] = softmax_j(scale * q[b, h] . k_cache[b, h // G, j]),   G = H // Hkv.
+        out[b, h] = sum_{j < lens[b, g]} p[b, h, j] * V[b, g, j],
+        p[b, h, :] = softmax_j(scale * q[b, h] . K[b, g, j]),   g = h // G, G = H // Hkv,
+    K/V[b, g, j]: slot j of row (b, g), read through its block table.
 
     Args:
         q: [B, H, D] fp16/bf16 (fp32 also on CPU), last dim contiguous; H a multiple of Hkv.
-        k_cache, v_cache: [B, Hkv, C, D] in q's dtype, last dim contiguous.
-        lens: int32 [B], valid slots per sequence, 0 <= lens[b] <= C. A sequence with lens 0 gets zeros.
-        scale: softmax scale, default 1 / sqrt(D).
-        scores: optional fp32 [B, Hkv, C], MUTATED: scores[b, g, j] += sum over the G query heads of KV
-            head g of p[b, h, j], for j < lens[b] (H2O's accumulated attention mass).
+        k_pages, v_pages: [P, S, D] in q's dtype, last dim contiguous.
+        block_table: int32 [B, Hkv, M]; lens: int32 [B, Hkv], 0 <= lens <= C = M * S (a row
+            with lens 0 gives zeros).
+        scale: softmax scale, finite and > 0, default 1 / sqrt(D).
+        score_pages: optional fp32 [P, S].
     Returns:
         out [B, H, D] in q's dtype.
-    GPU: split-K Triton kernel, split count per sequence chosen on the device, no host sync.
+    Mutates:
+        score_pages, when given: the score of slot j of row (b, g) += sum over the G query
+        heads of KV head g of p[b, h, j], for j < lens[b, g] (H2O's accumulated attention mass).
+    GPU: split-K Triton kernel, split count per row chosen on the device, no host sync.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.squeeze.decode_attention(q, k_cache, v_cache, lens, scale, scores)
+    return torch.ops.squeeze.decode_attention(q, k_pages, v_pages, block_table, lens, scale, score_pages)
 
 
-def cache_append_(k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor, slot_pos: torch.Tensor,
-                  scores: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor) -> None:
-    """Append one token per sequence to a layer cache, in place.
+def cache_append_(k_pages: torch.Tensor, v_pages: torch.Tensor, pos_pages: torch.Tensor, score_pages: torch.Tensor,
+                  block_table: torch.Tensor, lens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                  pos: torch.Tensor) -> None:
+    """Append one token per sequence to each of its rows of one layer, in place.
 
-    For every sequence b and KV head g: slot = lens[b]; k_cache[b, g, slot] = k_new[b, g],
-    v_cache[b, g, slot] = v_new[b, g], slot_pos[b, g, slot] = pos[b], scores[b, g, slot] = 0; then
-    lens[b] += 1.
+    For every row (b, g): slot = lens[b, g]; its K, V, position and score become k_new[b, g],
+    v_new[b, g], pos[b] and 0; then lens[b, g] += 1.
 
     Args:
-        k_cache, v_cache: [B, Hkv, C, D], MUTATED. lens: int32 [B], MUTATED; lens[b] < C required
-            (capacity overflow is an error on CPU; on the GPU, without SQUEEZE_DEBUG=1, an append to a
-            full cache is dropped).
-        slot_pos: int32 [B, Hkv, C], MUTATED. scores: fp32 [B, Hkv, C], MUTATED.
-        k_new, v_new: [B, Hkv, D] in the cache dtype. pos: int32 [B], the token's absolute position (>= 0).
+        k_pages, v_pages [P, S, D], pos_pages int32 [P, S], score_pages fp32 [P, S]: the pool.
+        block_table: int32 [B, Hkv, M]. lens: int32 [B, Hkv], lens < C = M * S required (an
+            error where value checks run; on the GPU otherwise the append to a full row is
+            dropped).
+        k_new, v_new: [B, Hkv, D] in the pool's dtype. pos: int32 [B], >= 0.
+    Returns: nothing.
+    Mutates: the appended slots in the pool, lens.
     """
-    torch.ops.squeeze.cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos)
+    torch.ops.squeeze.cache_append_(k_pages, v_pages, pos_pages, score_pages, block_table, lens, k_new, v_new, pos)
 
 
-def cache_evict_(k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor, slot_pos: torch.Tensor,
-                 scores: torch.Tensor, budget: torch.Tensor | int, policy: str = DEFAULT_POLICY, sinks: int | None = None,
+def cache_evict_(k_pages: torch.Tensor, v_pages: torch.Tensor, pos_pages: torch.Tensor, score_pages: torch.Tensor,
+                 block_table: torch.Tensor, lens: torch.Tensor, budget: torch.Tensor | int,
+                 policy: str = DEFAULT_POLICY, sinks: int | None = None,
                  recent_ratio: float = DEFAULT_RECENT_RATIO) -> None:
-    """Evict tokens from a layer cache, per (sequence, KV head), while lens[b] > budget[b].
+    """Evict tokens from each row of one layer while lens[b, g] > budget[b, g].
 
-    Each round evicts one victim per (sequence, KV head):
+    Each round evicts one victim per row:
       window:    the oldest token (smallest position);
       streaming: the oldest token with position >= sinks;
-      h2o:       the lowest score among tokens that are neither sinks (position < sinks) nor among the
-                 R = floor(budget[b] * recent_ratio) newest (position > max position - R); ties -> oldest.
-    If no token qualifies: the oldest with position >= sinks, else the oldest. The last valid slot
-    (lens - 1) is moved into the victim's slot (K, V, slot_pos, score); the freed slot gets slot_pos -1
-    and score 0. Afterwards lens[b] = min(lens[b], budget[b]). Cost: one scan of the valid slots per
-    evicted token (meant for the few tokens of a decode step; compress_kv_ compresses a prompt).
+      h2o:       the lowest score (NaN counts as -inf) among tokens that are neither sinks
+                 (position < sinks) nor among the R = floor(budget[b, g] * recent_ratio)
+                 newest (position > max position - R); ties -> the oldest.
+    If no token qualifies: the oldest with position >= sinks, else the oldest. The row's last
+    slot (lens - 1) is moved into the victim's slot (K, V, position, score); the freed slot
+    gets position -1 and score 0. Afterwards lens = min(lens, budget). Cost: one scan of the
+    row per evicted token (meant for the few tokens of a decode step; compress_kv_ compresses
+    a prompt).
 
     Args:
-        k_cache, v_cache: [B, Hkv, C, D], MUTATED. lens: int32 [B], MUTATED.
-        slot_pos: int32 [B, Hkv, C], MUTATED. scores: fp32 [B, Hkv, C], MUTATED.
-        budget: int32 [B] (or an int for every sequence), 0 <= budget[b] <= C.
-        policy: "window", "streaming" or "h2o". sinks: protected first tokens (default 4 for streaming,
-            0 otherwise; ignored by window). recent_ratio: H2O's recent share of the budget, in [0, 1].
+        the pool, block_table and lens as in cache_append_.
+        budget: int32 [B, Hkv] (or an int for every row), 0 <= budget <= C.
+        policy: "window", "streaming" or "h2o". sinks: protected first tokens (default
+            vocabulary.DEFAULT_SINKS; ignored by window). recent_ratio: in [0, 1].
+    Returns: nothing.
+    Mutates: the rows' slots in the pool, lens.
     """
     sinks = DEFAULT_SINKS.get(policy, 0) if sinks is None else sinks
-    torch.ops.squeeze.cache_evict_(k_cache, v_cache, lens, slot_pos, scores, _budget_tensor(budget, lens), policy,
-                                   sinks, recent_ratio)
+    torch.ops.squeeze.cache_evict_(k_pages, v_pages, pos_pages, score_pages, block_table, lens,
+                                   _budget_tensor(budget, lens), policy, sinks, recent_ratio)
 
 
 def decode_step_(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, lens: torch.Tensor, slot_pos: torch.Tensor,
-                 scores: torch.Tensor, budget: torch.Tensor | int, scale: float | None = None, policy: str = DEFAULT_POLICY,
-                 sinks: int | None = None, recent_ratio: float = DEFAULT_RECENT_RATIO,
+                 k_pages: torch.Tensor, v_pages: torch.Tensor, pos_pages: torch.Tensor, score_pages: torch.Tensor,
+                 block_table: torch.Tensor, lens: torch.Tensor, budget: torch.Tensor | int,
+                 scale: float | None = None, policy: str = DEFAULT_POLICY, sinks: int | None = None,
+                 recent_ratio: float = DEFAULT_RECENT_RATIO,
                  accumulate_scores: bool | None = None) -> torch.Tensor:
-    """One decode step of one layer, in place: the fused cache_append_ + decode_attention + cache_evict_.
+    """One decode step of one layer, in place: the fused cache_append_ + decode_attention +
+    cache_evict_. Per row (b, g) holding n = lens[b, g] tokens:
 
-    1. append k_new/v_new at slot lens[b] (slot_pos = pos[b], score 0), lens += 1;
-    2. out = decode_attention(q, ...) over the lens slots, the new token included;
-    3. if accumulate_scores: scores += the normalised probabilities summed over each group's query heads;
-    4. evict per cache_evict_ while lens[b] > budget[b].
+    1. the G query heads of KV head g attend over the n cached slots and the new token
+       (k_new / v_new[b, g], taken from the inputs);
+    2. the new token is written into slot n (position pos[b]); with accumulate_scores every
+       cached slot's score += its probability summed over the G heads and the new slot's
+       score is the new token's (else 0); lens = n + 1;
+    3. the row is evicted to budget[b, g] (cache_evict_).
+    Where slot n lies on a page this equals cache_append_, decode_attention and cache_evict_ in
+    sequence; on no page (e.g. a padding row of -1 pages) the new token is attended, not stored.
 
-    Args: as decode_attention, cache_append_ and cache_evict_; requires lens[b] < C and
-        budget[b] <= C - 1 (capacity >= budget + 1, checked on CPU). k_cache, v_cache, lens, slot_pos and
-        scores are MUTATED. accumulate_scores defaults to policy == "h2o".
+    Args: as decode_attention, cache_append_ and cache_evict_; requires lens < C and
+        budget <= C - 1 (C >= budget + 1: the slot of the appended token). accumulate_scores
+        defaults to policy == "h2o".
     Returns:
         out [B, H, D] in q's dtype.
-    GPU: two launches (split pass with the append, combine-and-evict pass), no host sync: capturable in a
-    CUDA graph and traceable by torch.compile(fullgraph=True).
+    Mutates: the rows' slots in the pool, lens.
+    GPU: two launches (split pass with the append, combine-and-evict pass), no host sync:
+    capturable in a CUDA graph and traceable by torch.compile(fullgraph=True).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     sinks = DEFAULT_SINKS.get(policy, 0) if sinks is None else sinks
     accumulate_scores = policy == "h2o" if accumulate_scores is None else accumulate_scores
-    return torch.ops.squeeze.decode_step_(q, k_new, v_new, pos, k_cache, v_cache, lens, slot_pos, scores,
-                                          _budget_tensor(budget, lens), scale, policy, sinks, recent_ratio,
-                                          accumulate_scores)
+    return torch.ops.squeeze.decode_step_(q, k_new, v_new, pos, k_pages, v_pages, pos_pages, score_pages,
+                                          block_table, lens, _budget_tensor(budget, lens), scale, policy, sinks,
+                                          recent_ratio, accumulate_scores)

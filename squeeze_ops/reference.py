@@ -178,13 +178,36 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries):
     return out.float(), lse.float(), scores.float()
 
 
+def score_key(scores):
+    """Scores as the policies compare them: NaN counts as -inf (it is kept last, evicted first)."""
+    return torch.nan_to_num(scores.double(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def pooled_scores(col, pool_size, pool_mode):
+    """The column scores [n] of one (sequence, KV head) pooled over neighbouring positions, as
+    SnapKV selects by: position j takes the max ("max") or the mean ("avg") of the scores at
+    positions j - r .. j + r inside the sequence, r = pool_size // 2 (pool_size 1: unchanged).
+    NaN counts as -inf (score_key). Returns float64 [n]."""
+    col = score_key(col)
+    r = pool_size // 2
+    if r == 0:
+        return col
+    n = col.shape[0]
+    out = torch.empty_like(col)
+    for j in range(n):
+        window = col[max(j - r, 0) : min(j + r + 1, n)]
+        out[j] = window.max() if pool_mode == "max" else window.mean()
+    return out
+
+
 def kept_positions(n, budget, policy, sinks, recent_ratio, scores=None):
     """Positions (ascending) that a cache of `budget` slots keeps of an n-token prompt: the
     set that evicting one token at a time from the full prompt would leave (scores fixed).
 
     window: the newest `budget`. streaming: the first `sinks`, then the newest.
     h2o: the first `sinks`, the R = floor(budget * recent_ratio) newest, and the rest of the
-    budget to the highest `scores` (float [n]) among the others, ties to the larger position.
+    budget to the highest `scores` (float [n]; NaN counts as -inf) among the others, ties to
+    the larger position.
     When the protected tokens alone exceed the budget, eviction takes the oldest non-sink
     first and, once only sinks remain, the oldest sink: what is left is the sinks, then the
     newest, or only the newest `budget` sinks.
@@ -200,7 +223,7 @@ def kept_positions(n, budget, policy, sinks, recent_ratio, scores=None):
         protected = n_sinks + (n - recent_start)
         if budget >= protected:
             newest_first = torch.arange(n_sinks, recent_start).flip(0)
-            order = torch.sort(scores[newest_first], descending=True, stable=True).indices
+            order = torch.sort(score_key(scores[newest_first]), descending=True, stable=True).indices
             heavy = newest_first[order[: budget - protected]].sort().values
             return torch.cat([torch.arange(n_sinks), heavy, torch.arange(recent_start, n)])
     if budget >= n_sinks:
@@ -208,69 +231,140 @@ def kept_positions(n, budget, policy, sinks, recent_ratio, scores=None):
     return torch.arange(n_sinks - budget, n_sinks)
 
 
-def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio,
-                 k_cache, v_cache, lens, slot_pos, cache_scores):
-    """Builds a layer cache from a packed prompt, in place: per (sequence b, KV head g) the
-    kept_positions() of the prompt, in ascending position, in slots 0 .. lens[b]-1, with
-    their K, V, position (slot_pos) and column score (cache_scores; 0 when `scores` is the
-    empty [0, Hkv] tensor). lens[b] = min(seq_len, budget[b]); later slots get slot_pos -1
-    and score 0, their K/V are left as they were.
-    k/v [T, Hkv, D]; scores [T, Hkv] or [0, Hkv]; k_cache/v_cache [B, Hkv, C, D].
+class Row:
+    """One row (a sequence, layer and KV head) of a paged KV cache, read and written through
+    its block table: slot j lives at page table[j // S], offset j % S, S the page size. A page
+    id outside [0, P) is no page: its slots read as empty (K and V zero, position -1, score 0)
+    and writes to them are dropped. pool = (k_pages [P, S, D], v_pages, pos_pages [P, S],
+    score_pages [P, S]); table: the row's int page ids [M]."""
+
+    def __init__(self, pool, table):
+        self.k_pages, self.v_pages, self.pos_pages, self.score_pages = pool
+        self.table = [int(p) for p in table]
+        self.P, self.S, self.D = self.k_pages.shape
+
+    @property
+    def capacity(self):
+        return len(self.table) * self.S
+
+    def _at(self, j):
+        page = self.table[j // self.S]
+        return (page, j % self.S) if 0 <= page < self.P else None
+
+    def read_all(self, n):
+        """(K [n, D] float64, V [n, D] float64, positions int64 [n], scores float64 [n]) of slots
+        0 .. n-1, as they read."""
+        j = torch.arange(n)
+        page = torch.tensor(self.table, dtype=torch.int64)[j // self.S] if n else j
+        on = (page >= 0) & (page < self.P)
+        page, at = page.clamp(0, max(self.P - 1, 0)), j % self.S
+        zero = torch.zeros(n, self.D, dtype=torch.float64)
+        k = torch.where(on[:, None], self.k_pages[page, at].double().cpu(), zero) if n else zero
+        v = torch.where(on[:, None], self.v_pages[page, at].double().cpu(), zero) if n else zero
+        pos = torch.where(on, self.pos_pages[page, at].long().cpu(), -1) if n else j
+        score = torch.where(on, self.score_pages[page, at].double().cpu(), 0.0) if n else zero[:, 0]
+        return k, v, pos, score
+
+    def read(self, j):
+        """(K [D] float64, V [D] float64, position, score) of slot j."""
+        at = self._at(j)
+        if at is None:
+            zero = torch.zeros(self.D, dtype=torch.float64)
+            return zero, zero, -1, 0.0
+        return (self.k_pages[at].double().cpu(), self.v_pages[at].double().cpu(), int(self.pos_pages[at]),
+                float(self.score_pages[at]))
+
+    def write(self, j, k=None, v=None, pos=None, score=None):
+        at = self._at(j)
+        if at is None:
+            return
+        for pages, value in ((self.k_pages, k), (self.v_pages, v), (self.pos_pages, pos), (self.score_pages, score)):
+            if value is not None:
+                pages[at] = value if not isinstance(value, torch.Tensor) else value.to(pages.dtype)
+
+    def move(self, src, dst):
+        """Slot src's K, V, position and score into slot dst (as they read)."""
+        k, v, pos, score = self.read(src)
+        self.write(dst, k, v, pos, score)
+
+
+def _rows(pool, block_table):
+    """The rows of a call: {(b, g): Row} for block_table [B, Hkv, M]."""
+    B, Hkv = block_table.shape[:2]
+    return {(b, g): Row(pool, block_table[b, g].tolist()) for b in range(B) for g in range(Hkv)}
+
+
+def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio, pool_size, pool_mode,
+                 k_pages, v_pages, pos_pages, score_pages, block_table, lens):
+    """Builds one layer's rows from a packed prompt, in place: per (sequence b, KV head g) the
+    kept_positions() of the prompt under budget[b, g], by the column scores pooled over
+    pool_size neighbours (pooled_scores), in ascending position in slots 0 .. lens[b, g] - 1,
+    with their K, V, position and (pooled) score (0 when `scores` is the empty [0, Hkv]
+    tensor); lens[b, g] = min(seq_len, budget[b, g]); the later slots of the row's capacity
+    get position -1 and score 0, their K/V are left as they were. Writes go through the rows'
+    block tables (Row).
+    k/v [T, Hkv, D]; scores [T, Hkv] or [0, Hkv]; budget, lens [B, Hkv]; block_table [B, Hkv, M].
     """
     has_scores = scores.shape[0] > 0
-    slot_pos.fill_(-1)
-    cache_scores.zero_()
+    pool = (k_pages, v_pages, pos_pages, score_pages)
     for b, (start, end) in enumerate(_prefill_sequences(cu_seqlens)):
         n = end - start
-        lens[b] = min(n, int(budget[b]))
         for g in range(k.shape[1]):
-            col = scores[start:end, g] if has_scores else None
-            kept = kept_positions(n, int(budget[b]), policy, sinks, recent_ratio, col)
-            c = len(kept)
-            k_cache[b, g, :c] = k[start + kept, g]
-            v_cache[b, g, :c] = v[start + kept, g]
-            slot_pos[b, g, :c] = kept.to(slot_pos.dtype)
-            if has_scores:
-                cache_scores[b, g, :c] = col[kept]
+            row = Row(pool, block_table[b, g].tolist())
+            keep = int(budget[b, g])
+            col = pooled_scores(scores[start:end, g], pool_size, pool_mode) if has_scores else None
+            kept = kept_positions(n, keep, policy, sinks, recent_ratio, col)
+            for slot, p in enumerate(kept.tolist()):
+                row.write(slot, k[start + p, g], v[start + p, g], p, float(col[p]) if has_scores else 0.0)
+            for slot in range(len(kept), row.capacity):
+                row.write(slot, pos=-1, score=0.0)
+            lens[b, g] = min(n, keep)
 
 # ---- decode ----
 
 
-def decode_attention(q, k_cache, v_cache, lens, scale, scores=None):
-    """One query token per sequence over the first lens[b] slots of a layer cache.
+def _attend(q, keys, values, scale):
+    """Softmax attention of the G query heads q [G, D] over keys/values [n, D] (float64): out
+    [G, D] (zeros for n = 0) and the probabilities [G, n]."""
+    if keys.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros(q.shape[0], 0, dtype=torch.float64)
+    p = torch.softmax(scale * q @ keys.t(), dim=-1)
+    return p @ values, p
 
-    out[b, h] = sum_j p[b, h, j] v_cache[b, h // G, j], p[b, h] = softmax_j(scale * q[b, h] . k_cache[b, h // G, j])
-    over j < lens[b], with G = H // Hkv query heads per KV head. A sequence with lens[b] = 0 gives zeros.
-    When `scores` is given it is updated in place: scores[b, g, j] += sum over the G query heads h of KV
-    head g of p[b, h, j]. Computed in float64; returns out in q's dtype.
+
+def decode_attention(q, k_pages, v_pages, block_table, lens, scale, score_pages=None):
+    """One query token per sequence over the first lens[b, g] slots of each of its rows.
+
+    out[b, h] = sum_{j < lens[b, g]} p[b, h, j] V[b, g, j],
+    p[b, h, :] = softmax_j(scale * q[b, h] . K[b, g, j]),   g = h // G, G = H // Hkv,
+    K/V[b, g, j] read through row (b, g)'s block table (Row). A row with lens 0 gives zeros.
+    With score_pages, every read slot's score += the sum of p over the G query heads of its
+    KV head (H2O's accumulated attention mass). Computed in float64; out in q's dtype.
     """
     B, H, D = q.shape
-    Hkv = k_cache.shape[1]
+    Hkv = block_table.shape[1]
     G = H // Hkv
+    pool = (k_pages, v_pages, k_pages.new_zeros(k_pages.shape[:2], dtype=torch.int32),
+            score_pages if score_pages is not None else k_pages.new_zeros(k_pages.shape[:2], dtype=torch.float32))
     out = torch.zeros(B, H, D, dtype=torch.float64)
-    for b in range(B):
-        n = int(lens[b])
-        if n == 0:
-            continue
-        k = k_cache[b, :, :n].double().cpu().repeat_interleave(G, dim=0)  # [H, n, D]
-        v = v_cache[b, :, :n].double().cpu().repeat_interleave(G, dim=0)
-        p = torch.softmax(scale * torch.einsum("hd,hnd->hn", q[b].double().cpu(), k), dim=-1)
-        out[b] = torch.einsum("hn,hnd->hd", p, v)
-        if scores is not None:
-            scores[b, :, :n] += p.view(Hkv, G, n).sum(1).to(scores.device, scores.dtype)
+    for (b, g), row in _rows(pool, block_table).items():
+        n = int(lens[b, g])
+        keys, values, _, scores = row.read_all(n)
+        out[b, g * G : (g + 1) * G], p = _attend(q[b, g * G : (g + 1) * G].double().cpu(), keys, values, scale)
+        if score_pages is not None:
+            for j, score in enumerate((scores + p.sum(0)).tolist()):
+                row.write(j, score=score)
     return out.to(q.device, q.dtype)
 
 
-def cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos):
-    """Write one new token per sequence at slot lens[b] (all KV heads): K/V from k_new/v_new [B, Hkv, D],
-    slot_pos = pos[b], score 0; then lens[b] += 1. The cache must have a free slot."""
-    for b in range(k_cache.shape[0]):
-        slot = int(lens[b])
-        k_cache[b, :, slot] = k_new[b]
-        v_cache[b, :, slot] = v_new[b]
-        slot_pos[b, :, slot] = pos[b]
-        scores[b, :, slot] = 0
-        lens[b] += 1
+def cache_append_(k_pages, v_pages, pos_pages, score_pages, block_table, lens, k_new, v_new, pos):
+    """Write one new token per sequence into every row of it: for row (b, g), slot lens[b, g]
+    gets K/V k_new/v_new[b, g], position pos[b], score 0 (through the block table; dropped on
+    no page); then lens[b, g] += 1. Every row must have a free slot."""
+    pool = (k_pages, v_pages, pos_pages, score_pages)
+    for (b, g), row in _rows(pool, block_table).items():
+        row.write(int(lens[b, g]), k_new[b, g], v_new[b, g], int(pos[b]), 0.0)
+        lens[b, g] += 1
 
 
 def recent_count(budget, recent_ratio):
@@ -280,13 +374,14 @@ def recent_count(budget, recent_ratio):
 
 
 def eviction_victim(positions, scores, policy, sinks, recent):
-    """The slot to evict from one (sequence, KV head) holding `positions` / `scores` (lists, one per valid
+    """The slot to evict from one row holding `positions` / `scores` (lists, one per valid
     slot, in slot order).
 
     window: the oldest token. streaming: the oldest token that is not a sink (position < sinks).
-    h2o: the lowest score among tokens that are neither sinks nor among the `recent` newest positions
-    (position > max position - recent), ties -> the oldest. When no token qualifies (the protected set
-    covers everything): the oldest non-sink, else the oldest token.
+    h2o: the lowest score (NaN counts as -inf) among tokens that are neither sinks nor among
+    the `recent` newest positions (position > max position - recent), ties -> the oldest.
+    When no token qualifies (the protected set covers everything): the oldest non-sink, else
+    the oldest token. Equal keys resolve to the first slot.
     """
     slots = range(len(positions))
     if policy == "window":
@@ -298,42 +393,61 @@ def eviction_victim(positions, scores, policy, sinks, recent):
         candidates = [j for j in slots if sinks <= positions[j] <= newest - recent]
     if candidates:
         if policy == "h2o":
-            return min(candidates, key=lambda j: (scores[j], positions[j]))
-        return min(candidates, key=lambda j: positions[j])
+            key = score_key(torch.tensor(scores, dtype=torch.float64)).tolist()
+            return min(candidates, key=lambda j: (key[j], positions[j], j))
+        return min(candidates, key=lambda j: (positions[j], j))
     non_sinks = [j for j in slots if positions[j] >= sinks]
-    return min(non_sinks or slots, key=lambda j: positions[j])
+    return min(non_sinks or slots, key=lambda j: (positions[j], j))
 
 
-def cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks, recent_ratio):
-    """Evict, per (sequence, KV head), one token at a time while lens[b] > budget[b].
-
-    Each round picks eviction_victim(...) among the valid slots and moves the last valid slot into it
-    (K, V, slot_pos, score); the freed last slot gets slot_pos -1 and score 0. Afterwards
-    lens[b] = min(lens[b], budget[b]).
-    """
-    B, Hkv = k_cache.shape[:2]
-    for b in range(B):
-        n, keep = int(lens[b]), int(budget[b])
-        recent = recent_count(keep, recent_ratio)
-        for h in range(Hkv):
-            m = n
-            while m > keep:
-                positions = slot_pos[b, h, :m].tolist()
-                victim = eviction_victim(positions, scores[b, h, :m].tolist(), policy, sinks, recent)
-                last = m - 1
-                for t in (k_cache, v_cache, slot_pos, scores):
-                    t[b, h, victim] = t[b, h, last].clone()
-                slot_pos[b, h, last] = -1
-                scores[b, h, last] = 0
-                m -= 1
-        lens[b] = min(n, keep)
+def _evict_row(row, n, keep, policy, sinks, recent_ratio):
+    """Evicts from a row holding n tokens until it holds min(n, keep): each round picks
+    eviction_victim among the first n slots (as they read) and moves the last slot into it;
+    the freed last slot gets position -1 and score 0. Returns the tokens kept."""
+    recent = recent_count(keep, recent_ratio)
+    while n > keep:
+        _, _, positions, scores = row.read_all(n)
+        victim = eviction_victim(positions.tolist(), scores.tolist(), policy, sinks, recent)
+        last = n - 1
+        if victim != last:
+            row.move(last, victim)
+        row.write(last, pos=-1, score=0.0)
+        n -= 1
+    return n
 
 
-def decode_step_(q, k_new, v_new, pos, k_cache, v_cache, lens, slot_pos, scores, budget, scale, policy,
-                 sinks, recent_ratio, accumulate_scores):
-    """One decode step of one layer: append the new token, attend over the cache (the new token
-    included), accumulate H2O scores when asked, evict while over budget. Returns out [B, H, D]."""
-    cache_append_(k_cache, v_cache, lens, slot_pos, scores, k_new, v_new, pos)
-    out = decode_attention(q, k_cache, v_cache, lens, scale, scores if accumulate_scores else None)
-    cache_evict_(k_cache, v_cache, lens, slot_pos, scores, budget, policy, sinks, recent_ratio)
-    return out
+def cache_evict_(k_pages, v_pages, pos_pages, score_pages, block_table, lens, budget, policy, sinks, recent_ratio):
+    """Evict, per row (b, g), one token at a time while lens[b, g] > budget[b, g] (_evict_row);
+    then lens[b, g] = min(lens[b, g], budget[b, g])."""
+    pool = (k_pages, v_pages, pos_pages, score_pages)
+    for (b, g), row in _rows(pool, block_table).items():
+        lens[b, g] = _evict_row(row, int(lens[b, g]), int(budget[b, g]), policy, sinks, recent_ratio)
+
+
+def decode_step_(q, k_new, v_new, pos, k_pages, v_pages, pos_pages, score_pages, block_table, lens, budget, scale,
+                 policy, sinks, recent_ratio, accumulate_scores):
+    """One decode step of one layer, per row (b, g) holding n = lens[b, g] tokens: the G query
+    heads of KV head g attend over the row's n cached slots and the new token (k_new/v_new[b,
+    g], taken from the inputs), the new token is written into slot n (position pos[b]; dropped
+    on no page), with accumulate_scores every cached slot's score += its probability summed
+    over the G heads and the new slot's score = the new token's (else 0), lens = n + 1, and
+    the row is evicted to budget[b, g] (cache_evict_). Where slot n lies on a page this equals
+    cache_append_, decode_attention and cache_evict_ in sequence. Returns out [B, H, D]."""
+    B, H, D = q.shape
+    Hkv = block_table.shape[1]
+    G = H // Hkv
+    out = torch.zeros(B, H, D, dtype=torch.float64)
+    pool = (k_pages, v_pages, pos_pages, score_pages)
+    for (b, g), row in _rows(pool, block_table).items():
+        n = int(lens[b, g])
+        keys, values, _, scores = row.read_all(n)
+        keys = torch.cat([keys, k_new[b, g].double().cpu()[None]])
+        values = torch.cat([values, v_new[b, g].double().cpu()[None]])
+        out[b, g * G : (g + 1) * G], p = _attend(q[b, g * G : (g + 1) * G].double().cpu(), keys, values, scale)
+        mass = p.sum(0)
+        if accumulate_scores:
+            for j, score in enumerate((scores + mass[:n]).tolist()):
+                row.write(j, score=score)
+        row.write(n, k_new[b, g], v_new[b, g], int(pos[b]), float(mass[n]) if accumulate_scores else 0.0)
+        lens[b, g] = _evict_row(row, n + 1, int(budget[b, g]), policy, sinks, recent_ratio)
+    return out.to(q.device, q.dtype)

@@ -1,18 +1,24 @@
 """Helpers shared by the Triton kernels of more than one op: the policy codes, tile sizes,
-sequence bounds of packed batches, the eviction rule (cache_evict_ and decode_step_), and the
-split-K decode passes (decode_attention and decode_step_).
+sequence bounds of packed batches, paged row addressing, the eviction rule (cache_evict_ and
+decode_step_), and the split-K decode passes (decode_attention and decode_step_).
 
-Split-K decode. Split pass, grid (B, Hkv, S): program (b, g, s) reads K/V slots
-[s * split_len, (s + 1) * split_len) of KV head g once for all G = H / Hkv query heads of its
+Paged rows (README "Tensor conventions"): a row is one (sequence, layer, KV head); slot j of
+row (b, g) lives at page block_table[b, g, j // PAGE], offset j % PAGE, of the pools k_pages,
+v_pages [P, PAGE, D], pos_pages, score_pages [P, PAGE]; its capacity is C = M * PAGE. A page id
+outside [0, P) is no page: loads from it read as empty (zero K/V, position -1, score 0), stores
+to it are dropped, so no block-table value makes a kernel touch memory outside the pools.
+
+Split-K decode. Split pass, grid (B, Hkv, S): program (b, g, s) reads slots
+[s * split_len, (s + 1) * split_len) of row (b, g) once for all G = H / Hkv query heads of its
 group (padded to >= 16 rows for tl.dot), and writes its partial output and log-sum-exp; with
-scores wanted it also writes the logits. The grid is static (from shapes only); each sequence
-uses cdiv(lens[b], split_len) of the S splits, decided on the device, so the same launch serves
-short and long caches and the empty programs of short sequences return at once. No value is
-read back to the host. decode_step_ folds the append of the new token into this pass.
+scores wanted it also writes the logits. The grid is static (from shapes only); each row uses
+cdiv(lens[b, g], split_len) of the S splits, decided on the device, so the same launch serves
+short and long rows and the empty programs of short rows return at once. No value is read back
+to the host. decode_step_ folds the append of the new token into this pass.
 
 Combine pass, grid (B, Hkv): merges the splits of each query head, writes out, then (scores
 wanted) turns the stored logits into probabilities with the final log-sum-exp and adds their
-sum over the group's heads to scores[b, g, :lens[b]]; decode_step_ then evicts in it.
+sum over the group's heads to the row's slot scores; decode_step_ then evicts in it.
 
 Everything is computed in base 2 (exp2/log2, logits pre-multiplied by scale * log2(e)).
 """
@@ -42,22 +48,41 @@ def sequence_bounds(CU, b, T_total):
 
 
 @triton.jit
-def find_victim(pos_row, score_row, stride_p, stride_s, n, sinks, recent,
-                POLICY: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The slot to evict among the first n (>= 1) slots of one (sequence, KV head).
+def row_slots(table_row, slots, C, P, PAGE: tl.constexpr):
+    """(page, offset in the page, on a page) of the given slots of one row (scalar or vector):
+    slots outside [0, C) or on a page id outside [0, P) are not on a page (page 0 is returned
+    for them, to be masked)."""
+    inside = (slots >= 0) & (slots < C)
+    page = tl.load(table_row + tl.where(inside, slots, 0) // PAGE, mask=inside, other=-1)
+    ok = inside & (page >= 0) & (page < P)
+    return tl.where(ok, page, 0).to(tl.int64), tl.where(inside, slots, 0) % PAGE, ok
+
+
+@triton.jit
+def score_key(s):
+    """Scores as the policies compare them: NaN counts as -inf (kept last, evicted first)."""
+    return tl.where(s != s, float("-inf"), s)
+
+
+@triton.jit
+def find_victim(table_row, pos_ptr, score_ptr, stride_pp, stride_ps, stride_sp, stride_ss, C, P, n, sinks, recent,
+                PAGE: tl.constexpr, POLICY: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The slot to evict among the first n (>= 1) slots of one row.
 
     window: the smallest position; streaming: the smallest position >= sinks; h2o: among slots
-    neither sink (position < sinks) nor recent (position > max position - recent), the lowest score,
-    ties -> the smallest position. If no slot qualifies: the smallest position >= sinks, else the
-    smallest position. As a lexicographic minimum of (tier, score, position, slot): tier 0 for a
-    regular candidate, 1 and 2 for the two fallbacks; the score only orders h2o's tier 0.
+    neither sink (position < sinks) nor recent (position > max position - recent), the lowest score
+    (NaN counts as -inf), ties -> the smallest position. If no slot qualifies: the smallest
+    position >= sinks, else the smallest position. As a lexicographic minimum of (tier, score,
+    position, slot): tier 0 for a regular candidate, 1 and 2 for the two fallbacks; the score only
+    orders h2o's tier 0. Slots on no page read position -1, score 0.
     """
     newest = tl.full([], -INT32_MAX, tl.int32)
     if POLICY == H2O:
         for start in range(0, n, BLOCK_C):
             offs = start + tl.arange(0, BLOCK_C)
-            p = tl.load(pos_row + offs * stride_p, mask=offs < n, other=-INT32_MAX)
-            newest = tl.maximum(newest, tl.max(p, 0))
+            page, at, ok = row_slots(table_row, offs, C, P, PAGE)
+            p = tl.load(pos_ptr + page * stride_pp + at * stride_ps, mask=ok, other=-1)
+            newest = tl.maximum(newest, tl.max(tl.where(offs < n, p, -INT32_MAX), 0))
     best_tier = tl.full([], 3, tl.int32)
     best_score = tl.full([], float("inf"), tl.float32)
     best_pos = tl.full([], INT32_MAX, tl.int32)
@@ -65,7 +90,8 @@ def find_victim(pos_row, score_row, stride_p, stride_s, n, sinks, recent,
     for start in range(0, n, BLOCK_C):
         offs = start + tl.arange(0, BLOCK_C)
         valid = offs < n
-        p = tl.load(pos_row + offs * stride_p, mask=valid, other=0)
+        page, at, ok = row_slots(table_row, offs, C, P, PAGE)
+        p = tl.load(pos_ptr + page * stride_pp + at * stride_ps, mask=ok, other=-1)
         if POLICY == WINDOW:
             tier = tl.zeros([BLOCK_C], tl.int32)
         elif POLICY == STREAMING:
@@ -74,7 +100,7 @@ def find_victim(pos_row, score_row, stride_p, stride_s, n, sinks, recent,
             tier = tl.where(p < sinks, 2, tl.where(p > newest - recent, 1, 0))
         tier = tl.where(valid, tier, 3)
         if POLICY == H2O:
-            s = tl.load(score_row + offs * stride_s, mask=valid, other=0.0)
+            s = score_key(tl.load(score_ptr + page * stride_sp + at * stride_ss, mask=ok, other=0.0))
             key = tl.where(tier == 0, s, 0.0)
         else:
             key = tl.zeros([BLOCK_C], tl.float32)
@@ -92,16 +118,18 @@ def find_victim(pos_row, score_row, stride_p, stride_s, n, sinks, recent,
         best_score = tl.where(better, k, best_score)
         best_pos = tl.where(better, q, best_pos)
         best_slot = tl.where(better, slot, best_slot)
-    # Only NaN scores leave a block without a match; the clamp keeps even them inside the cache.
+    # A block always matches (scores are NaN-free keys); the clamp keeps the slot inside the row.
     return tl.minimum(best_slot, n - 1)
 
 
 @triton.jit
-def evict_head(k_row, v_row, pos_row, score_row, stride_k, stride_v, stride_p, stride_s, n, budget, sinks, D,
-               RECENT_RATIO: tl.constexpr, POLICY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Evicts from one (sequence, KV head) holding n tokens until it holds budget: each round moves
-    the last valid slot into the victim's (K, V, slot_pos, score) and frees the last slot
-    (slot_pos -1, score 0). Returns the number of tokens kept, min(n, budget).
+def evict_row(table_row, k_ptr, v_ptr, pos_ptr, score_ptr, stride_kp, stride_ks, stride_vp, stride_vs,
+              stride_pp, stride_ps, stride_sp, stride_ss, C, P, n, budget, sinks, D,
+              RECENT_RATIO: tl.constexpr, POLICY: tl.constexpr, PAGE: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_D: tl.constexpr):
+    """Evicts from one row holding n tokens until it holds budget: each round moves the last slot
+    into the victim's (K, V, position, score, as they read) and frees the last slot (position -1,
+    score 0). Returns the number of tokens kept, min(n, budget).
 
     RECENT_RATIO is a compile-time constant so that floor(budget * recent_ratio) is computed in
     double precision, exactly as the CPU kernel and the reference do.
@@ -112,19 +140,23 @@ def evict_head(k_row, v_row, pos_row, score_row, stride_k, stride_v, stride_p, s
     d_mask = offs_d < D
     m = n
     for _ in range(keep, n):
-        victim = find_victim(pos_row, score_row, stride_p, stride_s, m, sinks, recent, POLICY, BLOCK_C)
+        victim = find_victim(table_row, pos_ptr, score_ptr, stride_pp, stride_ps, stride_sp, stride_ss, C, P, m,
+                             sinks, recent, PAGE, POLICY, BLOCK_C)
         last = m - 1
         move = victim != last
-        tl.store(k_row + victim * stride_k + offs_d, tl.load(k_row + last * stride_k + offs_d, mask=d_mask),
-                 mask=d_mask & move)
-        tl.store(v_row + victim * stride_v + offs_d, tl.load(v_row + last * stride_v + offs_d, mask=d_mask),
-                 mask=d_mask & move)
-        last_pos = tl.load(pos_row + last * stride_p)
-        last_score = tl.load(score_row + last * stride_s)
-        tl.store(pos_row + victim * stride_p, tl.where(move, last_pos, -1))
-        tl.store(score_row + victim * stride_s, tl.where(move, last_score, 0.0))
-        tl.store(pos_row + last * stride_p, -1, mask=move)
-        tl.store(score_row + last * stride_s, 0.0, mask=move)
+        src, src_at, src_ok = row_slots(table_row, last, C, P, PAGE)
+        dst, dst_at, dst_ok = row_slots(table_row, victim, C, P, PAGE)
+        put = move & dst_ok
+        k_row = tl.load(k_ptr + src * stride_kp + src_at * stride_ks + offs_d, mask=d_mask & src_ok, other=0.0)
+        v_row = tl.load(v_ptr + src * stride_vp + src_at * stride_vs + offs_d, mask=d_mask & src_ok, other=0.0)
+        tl.store(k_ptr + dst * stride_kp + dst_at * stride_ks + offs_d, k_row, mask=d_mask & put)
+        tl.store(v_ptr + dst * stride_vp + dst_at * stride_vs + offs_d, v_row, mask=d_mask & put)
+        last_pos = tl.load(pos_ptr + src * stride_pp + src_at * stride_ps, mask=src_ok, other=-1)
+        last_score = tl.load(score_ptr + src * stride_sp + src_at * stride_ss, mask=src_ok, other=0.0)
+        tl.store(pos_ptr + dst * stride_pp + dst_at * stride_ps, tl.where(move, last_pos, -1), mask=dst_ok)
+        tl.store(score_ptr + dst * stride_sp + dst_at * stride_ss, tl.where(move, last_score, 0.0), mask=dst_ok)
+        tl.store(pos_ptr + src * stride_pp + src_at * stride_ps, -1, mask=move & src_ok)
+        tl.store(score_ptr + src * stride_sp + src_at * stride_ss, 0.0, mask=move & src_ok)
         # The next round's search reads what other threads of this program just wrote.
         tl.debug_barrier()
         m = last
@@ -139,8 +171,8 @@ def block_d(D):
 
 @functools.lru_cache(maxsize=1024)
 def evict_block(C):
-    """Slots per step of the victim search: wide, since one program scans a whole (sequence, head)
-    and each step waits for its loads (a 16k-slot head takes 4 steps)."""
+    """Slots per step of the victim search: wide, since one program scans a whole row and each
+    step waits for its loads (a 16k-slot row takes 4 steps)."""
     return min(4096, max(16, triton.next_power_of_2(C)))
 
 
@@ -161,9 +193,9 @@ def _programs_wanted(device):
 @functools.lru_cache(maxsize=1024)  # asked on every eager decode step (and reads device properties)
 def split_plan(B, Hkv, C, device):
     """(split_len, S): every split covers split_len slots (a multiple of BLOCK_N), S = the most
-    splits a sequence of C slots needs. Chosen from shapes only."""
+    splits a row of C slots needs. Chosen from shapes only."""
     tiles = triton.cdiv(max(C, 1), BLOCK_N)
-    splits = max(1, min(triton.cdiv(_programs_wanted(device), B * Hkv), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
+    splits = max(1, min(triton.cdiv(_programs_wanted(device), max(B * Hkv, 1)), triton.cdiv(tiles, MIN_TILES_PER_SPLIT)))
     tiles_per_split = triton.cdiv(tiles, splits)
     return tiles_per_split * BLOCK_N, triton.cdiv(tiles, tiles_per_split)
 
@@ -173,19 +205,19 @@ Tiles = namedtuple("Tiles", "block_d block_g score_block evict_block")
 
 @functools.lru_cache(maxsize=1024)  # see split_plan
 def decode_tiles(G, C, D):
-    """Tiles of the two passes for G query heads per KV head, capacity C, head dim D."""
+    """Tiles of the two passes for G query heads per KV head, row capacity C, head dim D."""
     block_g = triton.next_power_of_2(G)
     return Tiles(block_d(D), block_g, min(8192 // block_g, max(16, triton.next_power_of_2(C))), evict_block(C))
 
 
 @triton.jit
 def _split_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, o_part_ptr, lse_part_ptr, logit_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, o_part_ptr, lse_part_ptr, logit_ptr,
     n_ptr, knew_ptr, vnew_ptr, tokpos_ptr, pos_ptr, score_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kh, stride_kc, stride_vb, stride_vh, stride_vc,
-    stride_nb, stride_nh, stride_wb, stride_wh, stride_pb, stride_ph, stride_pc, stride_sb, stride_sh, stride_sc,
-    C, scale_log2, split_len,
-    G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    stride_qb, stride_qh, stride_kp, stride_ks, stride_vp, stride_vs,
+    stride_nb, stride_nh, stride_wb, stride_wh, stride_pp, stride_ps, stride_sp, stride_ss,
+    M, P, scale_log2, split_len,
+    G: tl.constexpr, D: tl.constexpr, S: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     APPEND: tl.constexpr, SCORES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -193,7 +225,10 @@ def _split_kernel(
     h = tl.program_id(1)
     split = tl.program_id(2)
     Hkv = tl.num_programs(1)
-    n_old = tl.minimum(tl.maximum(tl.load(lens_ptr + b), 0), C)
+    row = b * Hkv + h
+    C = M * PAGE
+    table_row = table_ptr + row * M
+    n_old = tl.minimum(tl.maximum(tl.load(lens_ptr + row), 0), C)
     n = tl.minimum(n_old + 1, C) if APPEND else n_old
     start = split * split_len
     end = tl.minimum(start + split_len, n)
@@ -202,39 +237,41 @@ def _split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < G
     d_mask = offs_d < D
-    k_row = k_ptr + b * stride_kb + h * stride_kh
-    v_row = v_ptr + b * stride_vb + h * stride_vh
 
     if APPEND:
         # The new token goes to slot n_old, written by the split that covers it. No program reads
         # that slot from memory in this pass: the covering split adds it from registers below.
-        tl.store(n_ptr + b, n, mask=(h == 0) & (split == 0))  # lens after the append, for the combine pass
+        tl.store(n_ptr + row, n, mask=split == 0)  # lens after the append, for the combine pass
         k_new = tl.load(knew_ptr + b * stride_nb + h * stride_nh + offs_d, mask=d_mask)
         v_new = tl.load(vnew_ptr + b * stride_wb + h * stride_wh + offs_d, mask=d_mask)
         mine = (n_old >= start) & (n_old < end)
-        tl.store(k_row + n_old * stride_kc + offs_d, k_new, mask=d_mask & mine)
-        tl.store(v_row + n_old * stride_vc + offs_d, v_new, mask=d_mask & mine)
-        tl.store(pos_ptr + b * stride_pb + h * stride_ph + n_old * stride_pc, tl.load(tokpos_ptr + b), mask=mine)
-        tl.store(score_ptr + b * stride_sb + h * stride_sh + n_old * stride_sc, 0.0, mask=mine)
+        new_page, new_at, new_ok = row_slots(table_row, n_old, C, P, PAGE)
+        put = mine & new_ok
+        tl.store(k_ptr + new_page * stride_kp + new_at * stride_ks + offs_d, k_new, mask=d_mask & put)
+        tl.store(v_ptr + new_page * stride_vp + new_at * stride_vs + offs_d, v_new, mask=d_mask & put)
+        tl.store(pos_ptr + new_page * stride_pp + new_at * stride_ps, tl.load(tokpos_ptr + b), mask=put)
+        tl.store(score_ptr + new_page * stride_sp + new_at * stride_ss, 0.0, mask=put)
         cached_end = tl.minimum(end, n_old)
     else:
         cached_end = end
 
-    # Programs past the sequence's last split find no keys: the loop runs zero times and nothing
-    # is loaded or stored (masks rather than a branch keep the loop at the top level).
+    # Programs past the row's last split find no keys: the loop runs zero times and nothing is
+    # loaded or stored (masks rather than a branch keep the loop at the top level).
     has_keys = start < end
     q = tl.load(q_ptr + b * stride_qb + (h * G + offs_h)[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :] & has_keys, other=0.0)
-    logit_rows = logit_ptr + (b * Hkv * G + h * G + offs_h) * C
+    logit_rows = logit_ptr + (row * G + offs_h) * C
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for t in range(start, cached_end, BLOCK_N):
         offs_n = t + tl.arange(0, BLOCK_N)
         n_mask = offs_n < cached_end
-        k = tl.load(k_row + offs_n[:, None] * stride_kc + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+        page, at, ok = row_slots(table_row, offs_n, C, P, PAGE)
+        kv_mask = (n_mask & ok)[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + page[:, None] * stride_kp + at[:, None] * stride_ks + offs_d[None, :], mask=kv_mask,
                     other=0.0)
-        v = tl.load(v_row + offs_n[:, None] * stride_vc + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :],
+        v = tl.load(v_ptr + page[:, None] * stride_vp + at[:, None] * stride_vs + offs_d[None, :], mask=kv_mask,
                     other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -257,7 +294,7 @@ def _split_kernel(
             l_i = l_i * alpha + p_new
             acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
             m_i = m_new
-    part = (b * Hkv + h) * S + split
+    part = row * S + split
     l_i = tl.where(has_keys, l_i, 1.0)
     tl.store(o_part_ptr + (part * G + offs_h)[:, None] * D + offs_d[None, :], acc / l_i[:, None],
              mask=h_mask[:, None] & d_mask[None, :] & has_keys)
@@ -267,29 +304,31 @@ def _split_kernel(
 @triton.jit
 def _combine_kernel(
     o_part_ptr, lse_part_ptr, logit_ptr, n_ptr, out_ptr,
-    k_ptr, v_ptr, lens_ptr, pos_ptr, score_ptr, budget_ptr,
-    stride_ob, stride_oh, stride_kb, stride_kh, stride_kc, stride_vb, stride_vh, stride_vc,
-    stride_pb, stride_ph, stride_pc, stride_sb, stride_sh, stride_sc,
-    C, split_len, sinks,
-    G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    k_ptr, v_ptr, table_ptr, lens_ptr, pos_ptr, score_ptr, budget_ptr,
+    stride_ob, stride_oh, stride_kp, stride_ks, stride_vp, stride_vs, stride_pp, stride_ps, stride_sp, stride_ss,
+    M, P, split_len, sinks,
+    G: tl.constexpr, D: tl.constexpr, S: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, SCORE_BLOCK: tl.constexpr, EVICT_BLOCK: tl.constexpr,
     SCORES: tl.constexpr, EVICT: tl.constexpr, POLICY: tl.constexpr, RECENT_RATIO: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     Hkv = tl.num_programs(1)
-    n = tl.minimum(tl.maximum(tl.load(n_ptr + b), 0), C)
+    row = b * Hkv + h
+    C = M * PAGE
+    table_row = table_ptr + row * M
+    n = tl.minimum(tl.maximum(tl.load(n_ptr + row), 0), C)
 
     offs_h = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     h_mask = offs_h < G
     hd_mask = h_mask[:, None] & (offs_d < D)[None, :]
 
-    # Merge the splits this sequence used (the same count the split pass derived from n).
+    # Merge the splits this row used (the same count the split pass derived from n).
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    part0 = (b * Hkv + h) * S
+    part0 = row * S
     for split in range(0, tl.cdiv(n, split_len)):
         lse_s = tl.load(lse_part_ptr + (part0 + split) * G + offs_h, mask=h_mask, other=0.0)
         o_s = tl.load(o_part_ptr + ((part0 + split) * G + offs_h)[:, None] * D + offs_d[None, :], mask=hd_mask,
@@ -304,36 +343,41 @@ def _combine_kernel(
     tl.store(out_ptr + b * stride_ob + (h * G + offs_h)[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=hd_mask)
 
-    score_row = score_ptr + b * stride_sb + h * stride_sh
     if SCORES:
         lse = m_i + tl.log2(l_i)
         for t in range(0, n, SCORE_BLOCK):
             offs_n = t + tl.arange(0, SCORE_BLOCK)
             n_mask = offs_n < n
-            s = tl.load(logit_ptr + (b * Hkv * G + h * G + offs_h)[:, None] * C + offs_n[None, :],
+            s = tl.load(logit_ptr + (row * G + offs_h)[:, None] * C + offs_n[None, :],
                         mask=h_mask[:, None] & n_mask[None, :], other=float("-inf"))
             mass = tl.sum(tl.exp2(s - lse[:, None]), 0)
-            old = tl.load(score_row + offs_n * stride_sc, mask=n_mask, other=0.0)
-            tl.store(score_row + offs_n * stride_sc, old + mass, mask=n_mask)
+            page, at, ok = row_slots(table_row, offs_n, C, P, PAGE)
+            slot_score = score_ptr + page * stride_sp + at * stride_ss
+            old = tl.load(slot_score, mask=n_mask & ok, other=0.0)
+            tl.store(slot_score, old + mass, mask=n_mask & ok)
 
     if EVICT:
         tl.debug_barrier()  # the victim search reads the scores just written by other threads
-        kept = evict_head(k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,
-                          pos_ptr + b * stride_pb + h * stride_ph, score_row,
-                          stride_kc, stride_vc, stride_pc, stride_sc, n, tl.load(budget_ptr + b), sinks, D,
-                          RECENT_RATIO, POLICY, EVICT_BLOCK, BLOCK_D)
-        tl.store(lens_ptr + b, kept, mask=h == 0)
+        kept = evict_row(table_row, k_ptr, v_ptr, pos_ptr, score_ptr, stride_kp, stride_ks, stride_vp, stride_vs,
+                         stride_pp, stride_ps, stride_sp, stride_ss, C, P, n, tl.load(budget_ptr + row), sinks, D,
+                         RECENT_RATIO, POLICY, PAGE, EVICT_BLOCK, BLOCK_D)
+        tl.store(lens_ptr + row, kept)
 
 
-def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=None):
+def run_decode(q, k_pages, v_pages, block_table, lens, scale, score_pages, accumulate, out, step=None):
     """Launches the split pass and the combine pass, writing `out` [B, H, D].
 
-    scores: the per-slot scores tensor (may be None when not accumulating); accumulate: add the
-    probabilities to it. step = (k_new, v_new, pos, slot_pos, budget, policy, sinks, recent_ratio)
-    turns the two passes into decode_step_: append in the split pass, evict in the combine pass.
+    score_pages: the score pool (may be None when not accumulating); accumulate: add the
+    probabilities to it. step = (k_new, v_new, pos, pos_pages, budget, policy, sinks,
+    recent_ratio) turns the two passes into decode_step_: append in the split pass, evict in the
+    combine pass.
     """
     B, H, D = q.shape
-    _, Hkv, C, _ = k_cache.shape
+    P, PAGE, _ = k_pages.shape
+    Hkv, M = block_table.shape[1:]
+    C = M * PAGE
+    if B == 0:
+        return out
     G = H // Hkv
     split_len, S = split_plan(B, Hkv, C, q.device)
     tiles = decode_tiles(G, C, D)
@@ -344,32 +388,29 @@ def run_decode(q, k_cache, v_cache, lens, scale, scores, accumulate, out, step=N
     if step is None:
         k_new = v_new = q
         pos = budget = n_buf = lens
-        slot_pos, policy, sinks, recent_ratio = lens.view(1, 1, B), "window", 0, 0.0
-        scores_t = scores if scores is not None else lse_part.view(1, 1, -1)
+        pos_pages, policy, sinks, recent_ratio = lens.view(1, -1), "window", 0, 0.0
+        score_pages = score_pages if score_pages is not None else lse_part.view(1, -1)
     else:
-        k_new, v_new, pos, slot_pos, budget, policy, sinks, recent_ratio = step
+        k_new, v_new, pos, pos_pages, budget, policy, sinks, recent_ratio = step
         n_buf = torch.empty_like(lens)  # lens after the append, from the split pass to the combine pass
-        scores_t = scores
-    meta = dict(G=G, D=D, S=S, BLOCK_D=tiles.block_d)
+    meta = dict(G=G, D=D, S=S, PAGE=PAGE, BLOCK_D=tiles.block_d)
     _split_kernel[(B, Hkv, S)](
-        q, k_cache, v_cache, lens, o_part, lse_part, logits,
-        n_buf, k_new, v_new, pos, slot_pos, scores_t,
-        *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
-        *k_new.stride()[:2], *v_new.stride()[:2], *slot_pos.stride(), *scores_t.stride(),
-        C, scale * LOG2E, split_len,
+        q, k_pages, v_pages, block_table, lens, o_part, lse_part, logits,
+        n_buf, k_new, v_new, pos, pos_pages, score_pages,
+        *q.stride()[:2], *k_pages.stride()[:2], *v_pages.stride()[:2],
+        *k_new.stride()[:2], *v_new.stride()[:2], *pos_pages.stride(), *score_pages.stride(),
+        M, P, scale * LOG2E, split_len,
         BLOCK_H=max(16, tiles.block_g), BLOCK_N=BLOCK_N, APPEND=step is not None, SCORES=accumulate,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **meta, num_warps=4, num_stages=2,
         enable_fp_fusion=FP_FUSION,
     )
     _combine_kernel[(B, Hkv)](
         o_part, lse_part, logits, n_buf, out,
-        k_cache, v_cache, lens, slot_pos, scores_t, budget,
-        *out.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *slot_pos.stride(), *scores_t.stride(),
-        C, split_len, sinks,
+        k_pages, v_pages, block_table, lens, pos_pages, score_pages, budget,
+        *out.stride()[:2], *k_pages.stride()[:2], *v_pages.stride()[:2], *pos_pages.stride(), *score_pages.stride(),
+        M, P, split_len, sinks,
         BLOCK_G=tiles.block_g, SCORE_BLOCK=tiles.score_block, EVICT_BLOCK=tiles.evict_block, SCORES=accumulate,
         EVICT=step is not None,
         POLICY=POLICY_CODES[policy], RECENT_RATIO=float(recent_ratio), **meta, num_warps=8, enable_fp_fusion=FP_FUSION,
     )
     return out
-
-

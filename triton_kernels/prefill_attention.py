@@ -214,6 +214,11 @@ def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_queries, attention_tile
     """prefill_attention with explicit tiles (tests use it to run the GPU tiles anywhere) and
     key-tile addressing (None: block_pointers(); tests and bench_prefill run both)."""
     out, lse, scores = _checks.prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries)
+    # Defined even where no program writes (a sequence longer than max_seqlen, which only the
+    # value checks can see): zeros, lse -inf.
+    out.zero_()
+    lse.fill_(float("-inf"))
+    scores.zero_()
     T, H, D = q.shape
     Hkv = k.shape[1]
     check_head_dim(D, "q")

@@ -1,5 +1,5 @@
 // CPU kernels of add_rmsnorm_cossim and add_cossim (the attention epilogue that measures layer
-// importance, ALGORITHM.md section 2). Tokens in parallel, one pass over each row; the per-token
+// importance, docs/METHOD.md section 2). Tokens in parallel, one pass over each row; the per-token
 // cosines are then summed per sequence in a fixed order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -20,41 +20,31 @@ constexpr double kCosEps = 1e-8;
 // Independent partial sums per row: lets the compiler vectorise the fp32 accumulation.
 constexpr int kLanes = 16;
 
-void check_epilogue_args(const at::Tensor& residual, const at::Tensor& attn_out, const at::Tensor* weight,
+void check_epilogue_args(const at::Tensor& residual, const at::Tensor& attn_out, const at::Tensor& weight,
                          const at::Tensor& cu_seqlens, const at::Tensor& cos_sum) {
   check_float_kv(residual, "residual");
   check_rank(residual, 2, "residual");
   check_last_contiguous(residual, "residual");
   check_dtype(attn_out, residual.scalar_type(), "attn_out");
-  check_rank(attn_out, 2, "attn_out");
-  check_size(attn_out, 0, residual.size(0), "attn_out");
-  check_size(attn_out, 1, residual.size(1), "attn_out");
+  TORCH_CHECK(attn_out.sizes() == residual.sizes(), "attn_out: expected shape ", residual.sizes(),
+              " (that of residual), got ", attn_out.sizes());
   check_last_contiguous(attn_out, "attn_out");
   check_same_device(attn_out, residual, "attn_out", "residual");
-  if (weight) {
-    check_float_kv(*weight, "weight");
-    check_rank(*weight, 1, "weight");
-    check_size(*weight, 0, residual.size(1), "weight");
-    check_same_device(*weight, residual, "weight", "residual");
+  if (weight.defined()) {
+    check_float_kv(weight, "weight");
+    check_rank(weight, 1, "weight");
+    check_size(weight, 0, residual.size(1), "weight");
+    check_same_device(weight, residual, "weight", "residual");
   }
-  check_dtype(cu_seqlens, at::kInt, "cu_seqlens");
   check_rank(cu_seqlens, 1, "cu_seqlens");
   TORCH_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens: expected B + 1 >= 1 entries, got shape ", cu_seqlens.sizes());
-  check_same_device(cu_seqlens, residual, "cu_seqlens", "residual");
   check_dtype(cos_sum, at::kFloat, "cos_sum");
   check_rank(cos_sum, 1, "cos_sum");
   check_size(cos_sum, 0, cu_seqlens.size(0) - 1, "cos_sum");
   check_same_device(cos_sum, residual, "cos_sum", "residual");
-
-  // Value checks (CPU always): cu_seqlens starts at 0, never decreases, ends at the token count.
-  const auto cu = cu_seqlens.contiguous();
-  const int32_t* c = cu.data_ptr<int32_t>();
-  const int64_t B = cu.size(0) - 1;
-  TORCH_CHECK(c[0] == 0, "cu_seqlens: expected cu_seqlens[0] == 0, got ", c[0]);
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(c[b + 1] >= c[b], "cu_seqlens: expected non-decreasing offsets, got ", c[b], " then ", c[b + 1]);
-  TORCH_CHECK(c[B] == residual.size(0), "cu_seqlens: expected cu_seqlens[-1] == ", residual.size(0),
-              " (tokens of residual), got ", c[B]);
+  check_written({{&residual, "residual"}, {&cos_sum, "cos_sum"}},
+                {{&attn_out, "attn_out"}, {&weight, "weight"}, {&cu_seqlens, "cu_seqlens"}});
+  checked_offsets(cu_seqlens, residual.size(0), residual, "residual");
 }
 
 // residual <- residual + attn_out; out <- rmsnorm(residual) * weight when out is given;
@@ -105,8 +95,7 @@ void epilogue(const at::Tensor& residual, const at::Tensor& attn_out, const floa
     }
   });
 
-  const auto cu = cu_seqlens.contiguous();
-  const int32_t* c = cu.data_ptr<int32_t>();
+  const int32_t* c = cu_seqlens.data_ptr<int32_t>();
   auto cs = cos_sum.accessor<float, 1>();
   at::parallel_for(0, cos_sum.size(0), 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -126,8 +115,8 @@ void run_epilogue(const at::Tensor& residual, const at::Tensor& attn_out, const 
 
 at::Tensor add_rmsnorm_cossim_cpu(const at::Tensor& residual, const at::Tensor& attn_out, const at::Tensor& weight,
                                   const at::Tensor& cu_seqlens, const at::Tensor& cos_sum, double eps) {
-  check_epilogue_args(residual, attn_out, &weight, cu_seqlens, cos_sum);
-  TORCH_CHECK(eps >= 0, "eps: expected eps >= 0, got ", eps);
+  check_epilogue_args(residual, attn_out, weight, cu_seqlens, cos_sum);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps: expected a finite eps >= 0, got ", eps);
   auto out = at::empty(residual.sizes(), residual.options());
   const auto w = weight.to(at::kFloat).contiguous();
   run_epilogue(residual, attn_out, w.data_ptr<float>(), eps, cu_seqlens, cos_sum, &out);
@@ -136,7 +125,7 @@ at::Tensor add_rmsnorm_cossim_cpu(const at::Tensor& residual, const at::Tensor& 
 
 void add_cossim_cpu(const at::Tensor& residual, const at::Tensor& attn_out, const at::Tensor& cu_seqlens,
                     const at::Tensor& cos_sum) {
-  check_epilogue_args(residual, attn_out, nullptr, cu_seqlens, cos_sum);
+  check_epilogue_args(residual, attn_out, at::Tensor(), cu_seqlens, cos_sum);
   run_epilogue(residual, attn_out, nullptr, 0.0, cu_seqlens, cos_sum, nullptr);
 }
 

@@ -1,48 +1,59 @@
-// decode_step_ on the CPU: append, attention (+ H2O scores) and eviction of one layer, composed per
-// (sequence, KV head) in one parallel pass from the same pieces as the separate ops.
+// decode_step_ on the CPU: attention over the cached slots and the new token (+ H2O scores), the
+// append of the new token and the eviction of one layer, composed per row in one parallel pass
+// from the same pieces as the separate ops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "checks.h"
-#include "decode.h"
+#include "paged.h"
 
 namespace squeeze {
 namespace {
 
 at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                           const at::Tensor& pos, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& lens, const at::Tensor& slot_pos, const at::Tensor& scores,
-                           const at::Tensor& budget, double scale, c10::string_view policy, int64_t sinks,
-                           double recent_ratio, bool accumulate_scores) {
-  const auto s = decode::check_kv(k_cache, v_cache, lens);
-  decode::check_slots(slot_pos, scores, k_cache, s);
-  const int64_t H = decode::check_query(q, k_cache, s);
-  decode::check_new_token(k_new, v_new, pos, k_cache, s);
-  const Policy rule = decode::check_policy_args(budget, std::string(policy), sinks, recent_ratio, k_cache, s);
-  decode::check_lens_values(lens, s.C, /*append=*/true);
-  decode::check_budget_values(budget, s.C, /*append=*/true);
-  decode::check_pos_values(pos);
+                           const at::Tensor& pos, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                           const at::Tensor& pos_pages, const at::Tensor& score_pages, const at::Tensor& block_table,
+                           const at::Tensor& lens, const at::Tensor& budget, double scale, c10::string_view policy,
+                           int64_t sinks, double recent_ratio, bool accumulate_scores) {
+  paged::Shape s = paged::check_pool(k_pages, v_pages, pos_pages, score_pages);
+  paged::check_rows(block_table, lens, k_pages, s);
+  const int64_t H = paged::check_query(q, k_pages, s);
+  paged::check_new_token(k_new, v_new, pos, k_pages, s);
+  check_index(budget, {s.B, s.Hkv}, "budget", k_pages, "k_pages");
+  check_scale(scale);
+  const Policy rule = check_policy_args(std::string(policy), sinks, recent_ratio);
+  check_written({{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"},
+                 {&score_pages, "score_pages"}, {&lens, "lens"}},
+                {{&q, "q"}, {&block_table, "block_table"}, {&budget, "budget"}, {&k_new, "k_new"},
+                 {&v_new, "v_new"}, {&pos, "pos"}});
+  paged::check_lens_values(lens, s, /*append=*/true);
+  paged::check_budget_values(budget, s, /*append=*/true);
+  paged::check_pos_values(pos);
+  paged::check_block_table_values(block_table, s);
 
   at::Tensor out = at::empty({s.B, H, s.D}, q.options());
   const int64_t G = H / s.Hkv;
   int32_t* n = lens.data_ptr<int32_t>();
   const int32_t* p = pos.data_ptr<int32_t>();
   const int32_t* keep = budget.data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_cache.scalar_type(), "decode_step_cpu", [&] {
-    decode::for_each_head(s.B, s.Hkv, s.C * s.D * (G + 1), [&](int64_t b, int64_t h) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k_pages.scalar_type(), "decode_step_cpu", [&] {
+    paged::for_each_row(s.B, s.Hkv, s.capacity() * s.D * (G + 1), [&](int64_t b, int64_t g) {
       thread_local std::vector<float> work;
-      const decode::HeadSlots<scalar_t> slots(k_cache, v_cache, slot_pos, scores, b, h);
-      decode::append_token(slots, n[b], k_new.data_ptr<scalar_t>() + b * k_new.stride(0) + h * k_new.stride(1),
-                           v_new.data_ptr<scalar_t>() + b * v_new.stride(0) + h * v_new.stride(1), p[b]);
-      const scalar_t* qg = q.data_ptr<scalar_t>() + b * q.stride(0) + h * G * q.stride(1);
-      scalar_t* og = out.data_ptr<scalar_t>() + b * out.stride(0) + h * G * out.stride(1);
-      decode::attend_group(slots, n[b] + 1, qg, q.stride(1), og, out.stride(1), G, static_cast<float>(scale),
-                           accumulate_scores, work);
-      decode::evict_head(slots, n[b] + 1, keep[b], rule, sinks, decode::recent_count(keep[b], recent_ratio));
+      const int64_t r = b * s.Hkv + g;
+      const paged::Row<scalar_t> row(k_pages, v_pages, pos_pages, score_pages, block_table, b, g);
+      const scalar_t* kn = k_new.data_ptr<scalar_t>() + b * k_new.stride(0) + g * k_new.stride(1);
+      const scalar_t* vn = v_new.data_ptr<scalar_t>() + b * v_new.stride(0) + g * v_new.stride(1);
+      const scalar_t* qg = q.data_ptr<scalar_t>() + b * q.stride(0) + g * G * q.stride(1);
+      scalar_t* og = out.data_ptr<scalar_t>() + b * out.stride(0) + g * G * out.stride(1);
+      const float mass = paged::attend_group(row, n[r], kn, vn, qg, q.stride(1), og, out.stride(1), G,
+                                             static_cast<float>(scale), accumulate_scores, work);
+      row.set_kv(n[r], kn, vn);
+      row.set_pos(n[r], p[b]);
+      row.set_score(n[r], mass);
+      n[r] = static_cast<int32_t>(paged::evict_row(row, n[r] + 1, keep[r], rule, sinks, recent_ratio));
     });
   });
-  for (int64_t b = 0; b < s.B; ++b) n[b] = std::min(n[b] + 1, keep[b]);
   return out;
 }
 

@@ -17,13 +17,9 @@
 #include <vector>
 
 #include "checks.h"
-#include "prefill_args.h"
 
 namespace squeeze {
 namespace {
-
-using prefill::check_packed;
-using prefill::checked_offsets;
 
 // Tiles are multiplied with at::mm (BLAS); they are large enough for its per-call cost to vanish.
 constexpr int64_t kQueryBlock = 64;   // pass 1: queries (times the group's heads) per work item
@@ -143,6 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::T
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "k: the number of KV heads (", Hkv, ") must divide the query heads (", H,
               ")");
   TORCH_CHECK(max_seqlen >= 0, "max_seqlen: expected >= 0, got ", max_seqlen);
+  check_scale(scale);
+  TORCH_CHECK(score_queries >= -1, "score_queries: expected -1 (none), 0 (all) or W > 0, got ", score_queries);
   const std::vector<int64_t> cu = checked_offsets(cu_seqlens, T, q, "q");
   const int64_t B = static_cast<int64_t>(cu.size()) - 1;
   for (int64_t b = 0; b < B; ++b) {

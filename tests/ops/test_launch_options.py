@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from decode_cases import random_cache
+from paged_cases import random_cache
 
 from conftest import TRITON_DEVICE
 from squeeze_ops import triton_kernels
@@ -40,21 +40,22 @@ def launches(monkeypatch):
 
 
 def test_every_triton_launch_pins_fp_fusion(launches):
-    B, H, Hkv, C, D, d = 2, 4, 2, 8, 64, 48
+    B, H, Hkv, D, d = 2, 4, 2, 64, 48
     x = lambda *shape: torch.randn(*shape, device=TRITON_DEVICE)  # noqa: E731
     cu = torch.tensor([0, 3, 8], **I32)
     T = 8
 
     add_rmsnorm_cossim.add_rmsnorm_cossim(x(T, d), x(T, d), x(d), cu, torch.zeros(B, device=TRITON_DEVICE), 1e-6)
     prefill_attention.prefill_attention(x(T, H, D), x(T, Hkv, D), x(T, Hkv, D), cu, 5, 1 / math.sqrt(D), 0)
-    cache = random_cache(B, Hkv, C, D, [0, 0], device=TRITON_DEVICE)
-    compress_kv.compress_kv_(x(T, Hkv, D), x(T, Hkv, D), x(T, Hkv).abs(), cu, torch.tensor([2, 4], **I32), "h2o",
-                             0, 0.5, *cache)
+    cache = random_cache(B, Hkv, [0, 0], D, 4, width=2, device=TRITON_DEVICE)
+    budget = torch.tensor([[2, 2], [4, 4]], **I32)
+    compress_kv.compress_kv_(x(T, Hkv, D), x(T, Hkv, D), x(T, Hkv).abs(), cu, budget, "h2o", 0, 0.5, 3, "avg",
+                             *cache)
     cache_ops.cache_append_(*cache, x(B, Hkv, D), x(B, Hkv, D), torch.tensor([3, 5], **I32))
-    cache_ops.cache_evict_(*cache, torch.tensor([2, 3], **I32), "h2o", 0, 0.5)
-    decode_attention.decode_attention(x(B, H, D), *cache[:3], 1 / math.sqrt(D), cache[4])
-    decode_step.decode_step_(x(B, H, D), x(B, Hkv, D), x(B, Hkv, D), torch.tensor([6, 7], **I32), *cache,
-                             torch.tensor([2, 3], **I32), 1 / math.sqrt(D), "h2o", 0, 0.5, True)
+    cache_ops.cache_evict_(*cache, budget, "h2o", 0, 0.5)
+    decode_attention.decode_attention(x(B, H, D), cache[0], cache[1], cache[4], cache[5], 1 / math.sqrt(D), cache[3])
+    decode_step.decode_step_(x(B, H, D), x(B, Hkv, D), x(B, Hkv, D), torch.tensor([6, 7], **I32), *cache, budget,
+                             1 / math.sqrt(D), "h2o", 0, 0.5, True)
 
     assert set(launches) == launched_kernels()
     assert {name: set(flags) for name, flags in launches.items()} == {name: {triton_kernels.FP_FUSION}

@@ -47,12 +47,12 @@ def compile_for_sm90(fn, pointers, constexprs, floats=(), aligned=(), num_warps=
 
 def compile_decode_kernel(fn, kv_dtype, constexprs, num_warps, num_stages=2):
     """The decode/cache kernels name their pointers *_ptr (fp32 buffers unless K/V/q/out, int32
-    for lengths and positions) and their strides stride_*; the per-slot tensors' unit strides
-    (stride_pc, stride_sc) are 1."""
+    for lengths, positions, budgets and page ids) and their strides stride_*; the position and
+    score pages' slot strides (stride_ps, stride_ss) are 1."""
     pointers = {n: "fp32" for n in fn.arg_names if n.endswith("_ptr")}
-    pointers.update({n: "i32" for n in ("lens_ptr", "n_ptr", "tokpos_ptr", "pos_ptr", "budget_ptr")})
+    pointers.update({n: "i32" for n in ("lens_ptr", "n_ptr", "tokpos_ptr", "pos_ptr", "budget_ptr", "table_ptr")})
     pointers.update({n: kv_dtype for n in ("q_ptr", "k_ptr", "v_ptr", "knew_ptr", "vnew_ptr", "out_ptr")})
-    units = {n: 1 for n in ("stride_pc", "stride_sc") if n in fn.arg_names}
+    units = {n: 1 for n in ("stride_ps", "stride_ss") if n in fn.arg_names}
     compile_for_sm90(fn, {n: t for n, t in pointers.items() if n in fn.arg_names}, dict(constexprs, **units),
                      floats=("scale_log2",), aligned=[n for n in fn.arg_names if n.startswith("stride")],
                      num_warps=num_warps, num_stages=num_stages)
@@ -63,33 +63,34 @@ def cache_ops():
     from squeeze_ops.triton_kernels import common as cm
 
     # cache_evict_ launches with BLOCK_C=evict_block(C), num_warps=8; cache_append_ with num_warps 4.
-    for kv, C, D, policy, ratio in [("bf16", 16384, 128, "h2o", 0.5), ("fp16", 4096, 128, "h2o", 0.7),
-                                    ("bf16", 1000, 64, "streaming", 0.0), ("fp16", 512, 64, "window", 0.0)]:
-        compile_decode_kernel(co._evict_kernel, kv, dict(RECENT_RATIO=ratio, POLICY=co.POLICY_CODES[policy],
+    for kv, C, D, policy, ratio, page in [("bf16", 16384, 128, "h2o", 0.5, 16), ("fp16", 4096, 128, "h2o", 0.7, 1),
+                                          ("bf16", 1000, 64, "streaming", 0.0, 16), ("fp16", 512, 64, "window", 0.0,
+                                                                                     512)]:
+        compile_decode_kernel(co._evict_kernel, kv, dict(PAGE=page, RECENT_RATIO=ratio, POLICY=co.POLICY_CODES[policy],
                                                          BLOCK_C=cm.evict_block(C), BLOCK_D=cm.block_d(D)),
                               num_warps=8)
-    for kv, D in [("bf16", 128), ("fp16", 64)]:
-        compile_decode_kernel(co._append_kernel, kv, dict(BLOCK_D=cm.block_d(D)), num_warps=4)
+    for kv, D, page in [("bf16", 128, 16), ("fp16", 64, 1)]:
+        compile_decode_kernel(co._append_kernel, kv, dict(PAGE=page, BLOCK_D=cm.block_d(D)), num_warps=4)
 
 
 def decode_attention():
     from squeeze_ops.triton_kernels import common as da
 
     # Split pass as run_decode launches it: BLOCK_H = max(16, next_pow2(G)), num_warps 4, num_stages 2.
-    for kv, G, D, append, scores in [("bf16", 4, 128, True, True), ("bf16", 4, 128, False, False),
-                                     ("fp16", 4, 128, True, True), ("bf16", 8, 128, False, True),
-                                     ("bf16", 1, 64, False, False), ("fp16", 3, 64, True, False),
-                                     ("bf16", 2, 256, True, True)]:
+    for kv, G, D, append, scores, page in [("bf16", 4, 128, True, True, 16), ("bf16", 4, 128, False, False, 16),
+                                           ("fp16", 4, 128, True, True, 64), ("bf16", 8, 128, False, True, 1),
+                                           ("bf16", 1, 64, False, False, 16), ("fp16", 3, 64, True, False, 7),
+                                           ("bf16", 2, 256, True, True, 16)]:
         compile_decode_kernel(da._split_kernel, kv, dict(
-            G=G, D=D, S=4, BLOCK_H=max(16, da.decode_tiles(G, 1, D).block_g), BLOCK_N=da.BLOCK_N, BLOCK_D=da.block_d(D),
-            APPEND=append, SCORES=scores, DOT_PRECISION="tf32"), num_warps=4, num_stages=2)
+            G=G, D=D, S=4, PAGE=page, BLOCK_H=max(16, da.decode_tiles(G, 1, D).block_g), BLOCK_N=da.BLOCK_N,
+            BLOCK_D=da.block_d(D), APPEND=append, SCORES=scores, DOT_PRECISION="tf32"), num_warps=4, num_stages=2)
     # Combine pass: SCORE_BLOCK and EVICT_BLOCK from the capacity as run_decode derives them, num_warps 8.
     for kv, G, C, scores, evict, policy in [("bf16", 4, 16384, True, True, "h2o"),
                                             ("fp16", 3, 1000, False, True, "streaming"),
                                             ("bf16", 1, 512, False, False, "window")]:
         tiles = da.decode_tiles(G, C, 128)
         compile_decode_kernel(da._combine_kernel, kv, dict(
-            G=G, D=128, S=4, BLOCK_G=tiles.block_g, BLOCK_D=tiles.block_d,
+            G=G, D=128, S=4, PAGE=16, BLOCK_G=tiles.block_g, BLOCK_D=tiles.block_d,
             SCORE_BLOCK=tiles.score_block, EVICT_BLOCK=tiles.evict_block,
             SCORES=scores, EVICT=evict, POLICY=da.POLICY_CODES[policy], RECENT_RATIO=0.5), num_warps=8)
 
@@ -123,15 +124,19 @@ def compress_kv():
     # compress_kv_ launches one program per (sequence, KV head) with the GPU's tiles("cuda");
     # HAS_SCORES is off when prefill computed no column scores.
     block, block_t = ck.tiles("cuda")
-    strides = ("sk_t", "sk_h", "sv_t", "sv_h", "skc_b", "skc_h", "skc_c", "svc_b", "svc_h", "svc_c")
-    for kv, D, policy, has_scores in [("bf16", 128, "h2o", True), ("bf16", 128, "streaming", False),
-                                      ("bf16", 128, "window", False), ("fp16", 64, "h2o", True),
-                                      ("fp16", 64, "streaming", True)]:
-        pointers = dict(K=kv, V=kv, Scores="fp32", CU="i32", Budget="i32", Recent="i32", KC=kv, VC=kv,
-                        Lens="i32", SlotPos="i32", CacheScores="fp32")
+    strides = ("sk_t", "sk_h", "sv_t", "sv_h", "skp_p", "skp_s", "svp_p", "svp_s", "spp_p", "ssp_p")
+    for kv, D, policy, has_scores, page in [("bf16", 128, "h2o", True, 16), ("bf16", 128, "streaming", False, 16),
+                                            ("bf16", 128, "window", False, 1), ("fp16", 64, "h2o", True, 64),
+                                            ("fp16", 64, "streaming", True, 5)]:
+        pointers = dict(K=kv, V=kv, Scores="fp32", CU="i32", Budget="i32", Recent="i32", KP=kv, VP=kv,
+                        PosP="i32", ScoreP="fp32", Table="i32", Lens="i32")
         compile_for_sm90(ck._compress_kv_kernel, pointers, dict(
-            HKV=8, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), POLICY=ck.POLICY_CODES[policy],
-            HAS_SCORES=has_scores, BLOCK=block, BLOCK_T=block_t), aligned=strides, num_warps=ck.NUM_WARPS)
+            spp_s=1, ssp_s=1, HKV=8, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), PAGE=page,
+            POLICY=ck.POLICY_CODES[policy], HAS_SCORES=has_scores, BLOCK=block, BLOCK_T=block_t), aligned=strides,
+            num_warps=ck.NUM_WARPS)
+    for radius, use_max in [(2, False), (3, True)]:  # the pooling launch before it (pool_size > 1)
+        compile_for_sm90(ck._pool_kernel, dict(Scores="fp32", Pooled="fp32", CU="i32"), dict(
+            RADIUS=radius, MAX=use_max, HKV=8, BLOCK=block_t), num_warps=ck.NUM_WARPS)
 
 
 def add_rmsnorm_cossim():
@@ -163,7 +168,7 @@ def compile_results(request):
     modules = [item.callspec.params["module"] for item in request.session.items
                if item.originalname == "test_triton_kernels_compile_for_sm90"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, os.path.abspath(__file__), *modules], env=env, capture_output=True,
                          text=True, timeout=900)
