@@ -18,14 +18,13 @@ import os
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .vocabulary import POLICIES
+from .vocabulary import POLICIES, POOL_MODES
 
 # Set by `forced_value_checks` (tests): overrides the device / SQUEEZE_DEBUG rule.
 _FORCED = None
 
 FLOAT_KV = (torch.float16, torch.bfloat16, torch.float32)
 KMEANS_MAX_N = 256  # the CUDA kernel keeps a row in shared memory
-POOL_MODES = ("max", "avg")
 
 
 def value_checks_wanted(t):

@@ -1,27 +1,35 @@
-"""The engine-facing KV cache of SqueezeAttention: one request's path from a full-attention
-prefill to per-layer compressed caches, and the decode steps over them.
+"""The engine-facing KV cache of SqueezeAttention: sequences whose every (layer, KV head) row
+holds its own budget of tokens in pages of one PagePool, admitted and retired between decode
+steps while the others keep decoding.
 
-    runner prefill, per layer l:                          PrefillRecord
-        prefill_attention (+ H2O column scores)   ->      keys[l], values[l], scores[l]
-        add_rmsnorm_cossim (attention epilogue)   ->      cos_sum[l, b] += sum_t cos(x_in, x_mid)
-    SqueezeKVCache.build(record, policy, settings):
-        allocate(cos_sum, settings.allocator)     ->      budgets [B, L] (one host read: capacities;
-                                                          diagnostics on the cache)
-        one allocation, carved into per-layer caches of capacity C_l = max_b budget[b, l] + 1
-        compress_kv_ per layer                    ->      the tokens the policy keeps
+    prefill, per layer l (runner):                      PrefillRecord
+        prefill_attention (+ column scores)       ->    the layer's K/V, or, with a reservation,
+                                                        compress_kv_ into the reserved rows at
+                                                        the largest budget the allocator can give
+        add_rmsnorm_cossim (attention epilogue)   ->    cos_sum[l, b] += sum_t cos(x_in, x_mid)
+    SqueezeKVCache.admit(record, settings, max_new_tokens):
+        allocate(cos_sum, settings.allocator)     ->    budgets per (sequence, layer, KV head)
+        pages for each row: ceil((budget + 1) / S)      (one host read: the page counts)
+        compress_kv_ per layer (or cache_evict_ of the reserved rows to their budgets, the
+        surplus pages back to the pool)
     per decode token, per layer: SqueezeKVCache.attend -> decode_step_ (append, attend, evict)
-    then SqueezeKVCache.advance()                 ->      positions += 1
+    then SqueezeKVCache.advance()                 ->    positions += 1
+    SqueezeKVCache.retire(ids)                    ->    pages back to the pool
 
-Per-KV-head budgets (a per-head plan, budgets [B, L, Hkv], e.g. CalibratedHeads) need no other
-kernel: the cache folds the KV heads into the batch, one row per (sequence, KV head) holding one
-KV head, and a decode step views q [B, H, D] as [B * Hkv, H / Hkv, D] (query head j reads KV
-head j // (H / Hkv), as in GQA), so each row is a sequence of its own to the ops.
+A row = (sequence, layer, KV head) owns ceil((budget + 1) / S) pages from admission to
+retirement (the +1: the slot the new token takes before eviction brings the row back to its
+budget), or ceil(horizon / S) when its budget covers its horizon (prompt + tokens to
+generate: nothing is ever evicted). So a decode step allocates nothing. Active sequences
+occupy the rows 0 .. B-1 of the device tables (retirement moves the last one into the hole);
+the rows past them are padding rows (page ids -1, length and budget 0): they attend to their
+own new token only and store nothing, so a CUDA graph captured at a larger batch replays
+over them unchanged.
 
-Keys are cached after RoPE at their original positions (no re-numbering inside the cache, the
-common simplification of StreamingLLM); `positions` holds each sequence's next position
-explicitly, since layers hold different numbers of tokens. A decode step reads nothing back to
-the host: budgets, lengths and positions stay on the device.
+Keys are cached after RoPE at their original positions (no re-numbering inside the cache);
+`positions` holds each sequence's next position explicitly, since rows hold different numbers
+of tokens. A decode step reads nothing back to the host.
 """
+import itertools
 import warnings
 from dataclasses import dataclass, field
 
@@ -30,6 +38,7 @@ import torch
 from .allocators.base import describe
 from .planner import allocate, diagnose
 from .policies import PrefillNeeds, SequencePolicy, prefill_needs
+from .pool import PagePool
 from .signals import pad_observed
 
 
@@ -38,17 +47,19 @@ class PrefillRecord:
     """What a full-attention prefill of B prompts leaves for the cache.
 
     prompt_lens: host list of the B prompt lengths; cu_seqlens int32 [B+1] on the device.
-    keys/values: per layer, the packed prompt K/V [T_total, Hkv, D], keys after RoPE.
-    scores:      per layer, H2O column scores fp32 [T_total, Hkv] (empty when not computed).
+    cos_sum:     fp32 [L, B], per layer and prompt the sum over its tokens of cos(x_in, x_mid),
+                 accumulated in place by add_rmsnorm_cossim.
+    keys/values: per layer, the packed prompt K/V [T_total, Hkv, D] (keys after RoPE); empty
+                 when the layers were compressed into a reservation as they came (`reserved`).
+    scores:      per layer, the column scores fp32 [T_total, Hkv] the policy compresses by
+                 (empty when none were computed, or when compressed into a reservation).
     observed:    per layer, column scores of each prompt's last `needs.observe` queries
-                 fp32 [T_total, Hkv] (the Coverage allocator's signal; empty list when not asked).
+                 fp32 [T_total, Hkv] (the Coverage allocator's signal; empty when not asked).
     perturbation: {SequencePolicy: per layer fp32 [B, KNOTS + 1]}, the attention_perturbation
-                 curves of the last `needs.observe` queries for the policies asked (the
-                 Perturbation allocator's signal).
+                 curves of the last `needs.observe` queries for the policies asked.
     needs:       the PrefillNeeds this prefill recorded (the cache refuses a record that lacks
                  what its policy and settings read).
-    cos_sum:     fp32 [L, B], per layer and prompt the sum over its tokens of
-                 cos(x_in, x_mid), accumulated in place by add_rmsnorm_cossim.
+    reserved:    the Reservation whose rows took each layer's K/V, or None.
     """
 
     prompt_lens: list
@@ -60,21 +71,34 @@ class PrefillRecord:
     observed: list = field(default_factory=list)
     needs: PrefillNeeds = PrefillNeeds()
     perturbation: dict = field(default_factory=dict)
+    reserved: object = None
 
     @classmethod
-    def start(cls, prompt_lens, num_layers, device):
+    def start(cls, prompt_lens, num_layers, device, needs=PrefillNeeds(), reserved=None):
+        """An empty record for prompts of `prompt_lens` tokens (each >= 1)."""
         prompt_lens = [int(n) for n in prompt_lens]
         if not prompt_lens or min(prompt_lens) < 1:
             raise ValueError(f"prompt_lens: expected a non-empty list of lengths >= 1, got {prompt_lens}")
+        if reserved is not None and reserved.prompt_lens != prompt_lens:
+            raise ValueError(f"reserved: reserved for prompts of {reserved.prompt_lens} tokens, got {prompt_lens}")
         cu = torch.zeros(len(prompt_lens) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(prompt_lens), 0)
         cos_sum = torch.zeros(num_layers, len(prompt_lens), dtype=torch.float32, device=device)
-        return cls(prompt_lens, cu.to(device), cos_sum)
+        return cls(prompt_lens, cu.to(device), cos_sum, needs=needs, reserved=reserved)
 
     def add_layer(self, k, v, scores):
-        self.keys.append(k)
-        self.values.append(v)
-        self.scores.append(scores)
+        """The next layer's packed K/V [T_total, Hkv, D] and column scores: kept, or compressed
+        into the reservation's rows at once (then dropped: the prefill's peak holds one layer)."""
+        if self.reserved is not None:
+            self.reserved.compress(k, v, scores, self.cu_seqlens)
+        else:
+            self.keys.append(k)
+            self.values.append(v)
+            self.scores.append(scores)
+
+    @property
+    def layers_added(self):
+        return self.reserved.layers if self.reserved is not None else len(self.keys)
 
     @property
     def num_layers(self):
@@ -103,219 +127,30 @@ def _nbytes(t):
 
 
 @dataclass
-class MemoryReport:
-    """KV memory of one SqueezeKVCache, in bytes.
+class Plan:
+    """The budgets of a batch of sequences and how they were planned (see _plan)."""
 
-    kv_per_layer:      allocated K + V bytes of each layer (B x 2 x Hkv x C_l x D x dtype size)
-    kv_total:          their sum = the size of the one K/V allocation
-    metadata:          lens, slot positions and H2O scores (int32 / fp32 side tables)
-    full_cache:        K + V of an uncompressed cache of the same batch holding the longest
-                       sequence at the end of decoding (L x B x 2 x Hkv x (T_max + G) x D)
-    prefill_peak:      K/V-related bytes alive at the peak, while the layers are compressed:
-                       the packed prompt K/V and scores of every layer + this allocation +
-                       one layer's per-sequence copy when prompts are forked
-    steady:            bytes held during decoding (kv_total + metadata)
-    """
-
-    kv_per_layer: list
-    kv_total: int
-    metadata: int
-    full_cache: int
-    prefill_peak: int
-    steady: int
-
-    def summary(self):
-        mib = 1 << 20
-        return (
-            f"KV {self.kv_total / mib:.2f} MiB vs full cache {self.full_cache / mib:.2f} MiB "
-            f"({100 * self.kv_total / self.full_cache:.1f}%); steady state {self.steady / mib:.2f} MiB "
-            f"with metadata; prefill peak {self.prefill_peak / mib:.2f} MiB"
-        )
+    budgets: torch.Tensor      # int32 [B, L, Hkv] what each row keeps (capped at its horizon)
+    planned: torch.Tensor      # int32 [B, L, Hkv] the planner's budgets before the cap
+    per_head: list             # host [B]: whether the sequence's plan differs per KV head
+    similarity: torch.Tensor   # fp32 [B, L]
+    labels: torch.Tensor       # int32 [B, L] (-1: no plan, the full cache)
+    centroids: torch.Tensor    # fp32 [B, k] (NaN: no plan / empty group)
+    diagnostics: list          # planner.Diagnostics of every distinct settings
 
 
-class SqueezeKVCache:
-    """Per-layer KV caches of different capacities carved out of one allocation, for a batch
-    of B sequences with per-sequence, per-layer budgets. Build it with `SqueezeKVCache.build`;
-    then, per decode token, `attend` every layer in order and `advance` once.
-
-    Tensors (on the prefill's device; K/V in the prompt K/V's dtype):
-      budgets        int32 [B, L]  tokens each sequence keeps in each layer (given to the ops);
-                     [B, L, Hkv] per KV head when a plan is per head (per_head)
-      planned        the planner's budgets (same shape), before capping at T_b + max_new_tokens
-      similarity     fp32 [B, L]   mean cos(x_in, x_mid) per layer; labels int32 [B, L] and
-                     centroids fp32 [B, k] of its grouping (-1 / NaN where no plan was made,
-                     i.e. for the full cache)
-      positions      int32 [B]     position of each sequence's next token
-      kv             the one K/V allocation: layer after layer, its K then its V
-      k_cache[l], v_cache[l]       views [R, h, C_l, D] into kv, C_l = capacities[l]; rows R = B
-                     and h = Hkv, or per head R = B * Hkv rows (sequence-major) of h = 1 head
-      lens[l] int32 [R], slot_pos[l] int32 [R, h, C_l], scores[l] fp32 [R, h, C_l]:
-                     views into one int32 and one fp32 side table
-    Capacity C_l = max over the rows of their budget in layer l + 1: the slot the new token is
-    appended to before eviction brings the layer back to its budget.
-    """
-
-    def __init__(self, policy, budgets, planned, plan, positions, num_kv_heads, head_dim, dtype, full_tokens):
-        self.policy = policy
-        self.budgets, self.planned = budgets, planned
-        self.similarity, self.labels, self.centroids = plan
-        self.batch, num_layers = budgets.shape[:2]
-        self.num_kv_heads = num_kv_heads
-        self.per_head = budgets.dim() == 3
-        if self.per_head and budgets.shape[2] != num_kv_heads:
-            raise ValueError(f"budgets: expected per-head budgets [B, L, {num_kv_heads}], got {tuple(budgets.shape)}")
-        rows, heads = (self.batch * num_kv_heads, 1) if self.per_head else (self.batch, num_kv_heads)
-        # Each row's next position; `positions` is the view of one per sequence.
-        self._positions = positions.to(torch.int32)[:, None].repeat(1, rows // self.batch)
-        device = budgets.device
-        # Row l of the layer-major copy is layer l's budget per cache row, contiguous.
-        self._layer_budget = budgets.transpose(0, 1).reshape(num_layers, rows).contiguous()
-        # Read once per request, outside the decode loop: the allocation needs host sizes.
-        self.capacities = [int(c) + 1 for c in self._layer_budget.max(dim=1).values.tolist()]
-        self._full_tokens = full_tokens
-        self._record_bytes = self._fork_bytes = 0
-
-        shapes = [(rows, heads, c, head_dim) for c in self.capacities]
-        kv_sizes = [rows * heads * c * head_dim for c in self.capacities]
-        slot_sizes = [rows * heads * c for c in self.capacities]
-        self.kv = torch.empty(2 * sum(kv_sizes), dtype=dtype, device=device)
-        self._index = torch.full((num_layers * rows + sum(slot_sizes),), -1, dtype=torch.int32, device=device)
-        self._score = torch.zeros(sum(slot_sizes), dtype=torch.float32, device=device)
-
-        self.lens = list(self._index[: num_layers * rows].view(num_layers, rows).zero_())
-        kv_parts = self.kv.split([n for size in kv_sizes for n in (size, size)])
-        pos_parts = self._index[num_layers * rows :].split(slot_sizes)
-        score_parts = self._score.split(slot_sizes)
-        self.k_cache = [kv_parts[2 * i].view(shape) for i, shape in enumerate(shapes)]
-        self.v_cache = [kv_parts[2 * i + 1].view(shape) for i, shape in enumerate(shapes)]
-        self.slot_pos = [part.view(shape[:3]) for part, shape in zip(pos_parts, shapes)]
-        self.scores = [part.view(shape[:3]) for part, shape in zip(score_parts, shapes)]
-
-    @property
-    def num_layers(self):
-        return len(self.capacities)
-
-    @property
-    def positions(self):
-        """int32 [B]: each sequence's next position (a view; advance() moves it)."""
-        return self._positions[:, 0]
-
-    @classmethod
-    def build(cls, record, policy, settings, max_new_tokens, source=None, warn=False):
-        """Plan the budgets from a prefill, allocate the caches and compress every layer.
-
-        record:         PrefillRecord of the full-attention prefill (left untouched, so one
-                        prefill can build several caches).
-        policy:         SequencePolicy of every layer.
-        settings:       SqueezeSettings for all sequences, a list of one per sequence, or
-                        None (in the list too) for the full cache (nothing evicted).
-        max_new_tokens: tokens the decode will append; no layer needs more than
-                        T_b + max_new_tokens slots, so budgets above that are capped there
-                        (such a layer never evicts either way).
-        source:         optional list of prompt indices, one per cache sequence: forks the
-                        prompts so that one prefill serves several settings (default: the
-                        prompts themselves, in order).
-        warn:           also warnings.warn the plan's diagnostics (they are on the cache as
-                        `diagnostics`, a list of planner.Diagnostics, one per distinct settings).
-        Reads the budgets back to the host once, to size the allocation.
-        """
-        if not isinstance(policy, SequencePolicy):
-            raise TypeError(f"policy: expected a SequencePolicy, got {type(policy).__name__}")
-        num_prompts = len(record.prompt_lens)
-        source = list(range(num_prompts)) if source is None else [int(i) for i in source]
-        if not source or min(source) < 0 or max(source) >= num_prompts:
-            raise ValueError(f"source: expected prompt indices in [0, {num_prompts}), got {source}")
-        if not isinstance(settings, (list, tuple)):
-            settings = [settings] * len(source)
-        if len(settings) != len(source):
-            raise ValueError(f"settings: expected one per sequence ({len(source)}), got {len(settings)}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected >= 0, got {max_new_tokens}")
-        needs = prefill_needs(policy, settings)
-        if not record.needs.covers(needs):
-            raise ValueError(f"record: the prefill recorded {record.needs}, the policy and settings read {needs}; "
-                             "prefill with needs=prefill_needs(policy, settings)")
-
-        device = record.cos_sum.device
-        prompt_lens = torch.tensor([record.prompt_lens[i] for i in source], dtype=torch.int32, device=device)
-        horizon = prompt_lens + max_new_tokens
-        num_kv_heads = record.keys[0].shape[1]
-        planned, plan, diagnostics = _plan(record, source, settings, prompt_lens, horizon, policy, num_kv_heads)
-        if warn:
-            for message in (m for d in diagnostics for m in d.messages):
-                warnings.warn(message, stacklevel=2)
-        budgets = torch.minimum(planned, horizon.view(-1, *[1] * (planned.dim() - 1)))
-        k0 = record.keys[0]
-        cache = cls(policy, budgets, planned, plan, prompt_lens.clone(), num_kv_heads, k0.shape[2], k0.dtype,
-                    full_tokens=max(record.prompt_lens[i] for i in source) + max_new_tokens)
-        cache._record_bytes = record.nbytes
-        cache.diagnostics = diagnostics
-
-        cu_seqlens, gather = _fork(record, source, num_kv_heads if cache.per_head else 1)
-        for layer in range(record.num_layers):
-            k, v, s = (_rows(t, cache.per_head) for t in (record.keys[layer], record.values[layer],
-                                                          record.scores[layer]))
-            if gather is not None:
-                k, v = k.index_select(0, gather), v.index_select(0, gather)
-                s = s.index_select(0, gather) if s.numel() else s
-                cache._fork_bytes = max(cache._fork_bytes, _nbytes(k) + _nbytes(v) + _nbytes(s))
-            torch.ops.squeeze.compress_kv_(
-                k, v, s, cu_seqlens, cache._layer_budget[layer], policy.kind, policy.sinks,
-                policy.recent_ratio, cache.k_cache[layer], cache.v_cache[layer], cache.lens[layer],
-                cache.slot_pos[layer], cache.scores[layer])
-        return cache
-
-    def attend(self, layer, q, k_new, v_new, scale):
-        """One decode step of one layer (decode_step_): append the new token's K/V [B, Hkv, D]
-        at `positions`, attend q [B, H, D] over the layer's cache (softmax(scale * q.k)),
-        accumulate H2O scores when the policy uses them, evict down to the layer's budget.
-        Returns [B, H, D] in q's dtype. Mutates this layer's K/V, lens, slot_pos, scores.
-        Per head, the same tensors are viewed as rows of one KV head (no copy when contiguous)."""
-        if self.per_head:
-            rows = self._positions.numel()
-            q = q.reshape(rows, -1, q.shape[-1])
-            k_new, v_new = k_new.reshape(rows, 1, -1), v_new.reshape(rows, 1, -1)
-        out = torch.ops.squeeze.decode_step_(
-            q, k_new, v_new, self._positions.view(-1), self.k_cache[layer], self.v_cache[layer], self.lens[layer],
-            self.slot_pos[layer], self.scores[layer], self._layer_budget[layer], scale, self.policy.kind,
-            self.policy.sinks, self.policy.recent_ratio, self.policy.needs_scores)
-        return out.view(self.batch, -1, out.shape[-1]) if self.per_head else out
-
-    def advance(self):
-        """Every layer has seen the current token: move each sequence to its next position."""
-        self._positions += 1
-
-    def memory(self):
-        """Byte accounting of this cache (see MemoryReport)."""
-        head_dim = self.k_cache[0].shape[-1]
-        kv_total = _nbytes(self.kv)
-        metadata = _nbytes(self._index) + _nbytes(self._score)
-        full = (self.num_layers * self.batch * 2 * self.num_kv_heads * self._full_tokens * head_dim
-                * self.kv.element_size())
-        return MemoryReport(
-            kv_per_layer=[_nbytes(k) + _nbytes(v) for k, v in zip(self.k_cache, self.v_cache)],
-            kv_total=kv_total,
-            metadata=metadata,
-            full_cache=full,
-            prefill_peak=self._record_bytes + kv_total + metadata + self._fork_bytes,
-            steady=kv_total + metadata,
-        )
-
-
-def _plan(record, source, settings, prompt_lens, horizon, policy, num_kv_heads):
-    """Budgets [B, L] per sequence by its settings, [B, L, Hkv] when any allocator plans per
-    head (the others' layer budgets then hold for each of the layer's heads); sequences sharing
-    settings are planned in one planner call. The full cache (settings None) keeps
-    T_b + max_new_tokens everywhere. Returns (planned, (similarity, labels, centroids),
-    the Diagnostics of every planner call)."""
+def _plan(record, source, settings, horizon, policy, num_kv_heads):
+    """Budgets per (sequence, layer, KV head) by each sequence's settings (sequences sharing
+    settings are planned in one planner call); a per-layer plan holds for each of the layer's
+    heads; the full cache (settings None) keeps its horizon T_b + max_new_tokens everywhere.
+    Budgets above the horizon are capped there (such a row never evicts either way)."""
     batch, num_layers = len(source), record.num_layers
     device = record.cos_sum.device
+    prompt_lens = torch.tensor([record.prompt_lens[i] for i in source], dtype=torch.int32, device=device)
     cos_sum = record.cos_sum[:, source]
-    similarity = record.similarity[source]
-    per_head = any(s.needs.per_head for s in settings if s is not None)
-    shape = (batch, num_layers, num_kv_heads) if per_head else (batch, num_layers)
-    planned = horizon.view(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous()
+    planned = horizon.view(-1, 1, 1).expand(batch, num_layers, num_kv_heads).contiguous()
     labels = torch.full((batch, num_layers), -1, dtype=torch.int32, device=device)
+    per_head = [False] * batch
     plans, diagnostics = [], []
     for setting in dict.fromkeys(s for s in settings if s is not None):
         members = [i for i, s in enumerate(settings) if s == setting]
@@ -336,34 +171,552 @@ def _plan(record, source, settings, prompt_lens, horizon, policy, num_kv_heads):
         if budgets.dim() == 3 and budgets.shape[2] != num_kv_heads:
             raise ValueError(f"settings: {describe(setting.allocator)} plans {budgets.shape[2]} KV heads per layer, "
                              f"the model has {num_kv_heads}")
-        planned[rows] = budgets if budgets.dim() == len(shape) else budgets[..., None]
+        planned[rows] = budgets if budgets.dim() == 3 else budgets[..., None]
+        for i in members:
+            per_head[i] = budgets.dim() == 3
         labels[rows] = plan.labels.to(torch.int32)
         plans.append((rows, plan.centroids))
     width = max((c.shape[1] for _, c in plans), default=1)
     centroids = torch.full((batch, width), float("nan"), dtype=torch.float32, device=device)
     for rows, cen in plans:
         centroids[rows, : cen.shape[1]] = cen
-    return planned, (similarity, labels, centroids), diagnostics
+    budgets = torch.minimum(planned, horizon.view(-1, 1, 1))
+    return Plan(budgets, planned, per_head, record.similarity[source], labels, centroids, diagnostics)
 
 
-def _rows(packed, per_head):
-    """A packed per-layer prompt tensor [T_total, Hkv, ...] as the rows the cache compresses:
-    itself, or per head [T_total * Hkv, 1, ...] (token-major: row t * Hkv + h; a view of the
-    contiguous tensors a prefill records)."""
-    return packed.reshape(packed.shape[0] * packed.shape[1], 1, *packed.shape[2:]) if per_head else packed
+def _row_pages(page_size, budgets, horizon):
+    """Pages of every row (int [B, L, Hkv], budgets' shape): ceil((budget + 1) / S), or
+    ceil(horizon / S) for a row whose budget covers its horizon (it never evicts)."""
+    horizon = horizon.view(-1, 1, 1)
+    slots = torch.where(budgets >= horizon, horizon, budgets + 1)
+    return (slots + page_size - 1) // page_size
 
 
-def _fork(record, source, heads):
-    """cu_seqlens of the cache's rows and the gather index that builds their packed prompts
-    from _rows of the record's tensors (None when the cache takes the prompts as they are).
-    Rows: the sequences (heads = 1), or per head the (sequence, KV head) pairs, sequence-major."""
-    if heads == 1 and source == list(range(len(record.prompt_lens))):
+def stage_budget(policy, prompt_len, setting, max_new_tokens):
+    """U: the largest budget `setting`'s allocator can give a row of a prompt of prompt_len
+    tokens (cap x base, at least the policy's minimum), at most the horizon; the horizon for the
+    full cache (None) or an allocator without a cap."""
+    horizon = prompt_len + max_new_tokens
+    if setting is None or setting.needs.cap is None:
+        return horizon
+    base = setting.b_init * prompt_len if setting.b_init is not None else setting.base_tokens
+    return min(horizon, max(policy.min_budget, int(setting.needs.cap * base)))
+
+
+def _settings_list(settings, count):
+    return list(settings) if isinstance(settings, (list, tuple)) else [settings] * count
+
+
+def _steps_list(max_new_tokens, count):
+    """max_new_tokens (an int for all, or one per sequence) as a checked list."""
+    steps = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * count
+    if len(steps) != count or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in steps):
+        raise ValueError(f"max_new_tokens: expected an int >= 0 (or one per sequence, {count}), got {max_new_tokens!r}")
+    return steps
+
+
+def _check_request(record, policy, settings, max_new_tokens, source):
+    """Normalised (source, settings) of a request, after its checks."""
+    if not isinstance(policy, SequencePolicy):
+        raise TypeError(f"policy: expected a SequencePolicy, got {type(policy).__name__}")
+    if not isinstance(record, PrefillRecord):
+        raise TypeError(f"record: expected a PrefillRecord, got {type(record).__name__}")
+    num_prompts = len(record.prompt_lens)
+    source = list(range(num_prompts)) if source is None else [int(i) for i in source]
+    if not source or min(source) < 0 or max(source) >= num_prompts:
+        raise ValueError(f"source: expected prompt indices in [0, {num_prompts}), got {source}")
+    settings = _settings_list(settings, len(source))
+    if len(settings) != len(source):
+        raise ValueError(f"settings: expected one per sequence ({len(source)}), got {len(settings)}")
+    steps = _steps_list(max_new_tokens, len(source))
+    needs = prefill_needs(policy, settings)
+    if not record.needs.covers(needs):
+        raise ValueError(f"record: the prefill recorded {record.needs}, the policy and settings read {needs}; "
+                         "prefill with needs=prefill_needs(policy, settings)")
+    if record.layers_added != record.num_layers:
+        raise ValueError(f"record: {record.layers_added} of {record.num_layers} layers were prefilled")
+    return source, list(settings), steps
+
+
+@dataclass
+class MemoryReport:
+    """KV memory of a SqueezeKVCache's active sequences, in bytes (pages hold K + V).
+
+    pages:             pages the active rows own; kv_allocated: their K + V bytes
+    slots_allocated:   pages x page size; slots_held: tokens the rows hold now (sum of lens);
+                       slots_budget: sum of the rows' budgets (what they hold once decoding)
+    paged_full:        K + V of a paged full cache of the same sequences: per sequence, L x Hkv
+                       rows of ceil((prompt + max_new_tokens) / S) pages (the reference)
+    padded:            K + V the padded layout would allocate: per layer, every row padded to
+                       that layer's largest budget + 1
+    metadata:          positions, scores (per allocated slot) and the block tables, lens, budgets
+    prefill_peak:      K/V-related bytes alive at the prefill's peak: the rows at their staging
+                       budgets (or the record's every layer K/V) + one layer's prompt K/V
+    pool:              the whole pool (free pages included)
+    kv_per_layer:      kv_allocated per layer
+    """
+
+    pages: int
+    kv_allocated: int
+    slots_allocated: int
+    slots_held: int
+    slots_budget: int
+    paged_full: int
+    padded: int
+    metadata: int
+    prefill_peak: int
+    pool: int
+    kv_per_layer: list
+
+    def summary(self):
+        mib = 1 << 20
+        ratio = self.slots_allocated / max(self.slots_budget, 1)
+        return (f"KV allocated {self.kv_allocated / mib:.2f} MiB ({self.pages} pages) for {self.slots_budget} slots "
+                f"budgeted (allocated / budget {ratio:.3f}); vs paged full cache {self.paged_full / mib:.2f} MiB "
+                f"({100 * self.kv_allocated / max(self.paged_full, 1):.1f}%); padded layout "
+                f"{self.padded / mib:.2f} MiB; prefill peak {self.prefill_peak / mib:.2f} MiB")
+
+
+class Reservation:
+    """Rows reserved in a cache's pool for B prompts before their prefill: every row of sequence
+    b owns pages for its staging budget U_b, the largest budget the sequence's allocator can
+    give a row (cap x base, at least the policy's minimum, at most the horizon); the prefill
+    compresses each layer into them as soon as its attention has run (PrefillRecord.add_layer),
+    so at most one layer's full prompt K/V is alive at a time. Admission evicts every row to its
+    planned budget (the kept sets are nested: compressing to U and then evicting to b keeps what
+    compressing to b keeps) and gives the surplus pages back. Built by SqueezeKVCache.reserve.
+    """
+
+    def __init__(self, cache, prompt_lens, settings, max_new_tokens, stage):
+        self.cache = cache
+        self.prompt_lens = list(prompt_lens)
+        self.settings = list(settings)
+        self.max_new_tokens = _steps_list(max_new_tokens, len(prompt_lens))
+        L, B, Hkv = cache.num_layers, len(prompt_lens), cache.num_kv_heads
+        device = cache.device
+        self.stage = torch.tensor(stage, dtype=torch.int32, device=device)  # [B]
+        horizon = torch.tensor([n + g for n, g in zip(prompt_lens, self.max_new_tokens)], dtype=torch.int32)
+        counts = _row_pages(cache.pool.page_size, torch.tensor(stage, dtype=torch.int32).view(B, 1, 1).expand(B, L, Hkv),
+                            horizon)  # [B, L, Hkv]
+        self.pages = _take(cache.pool, counts)
+        self.table = _table(self.pages, counts, device)  # [L, B, Hkv, M]
+        self.lens = torch.zeros(L, B, Hkv, dtype=torch.int32, device=device)
+        self.layers = 0  # layers compressed so far
+        self.transient = 0  # the largest layer's prompt K/V + scores, seen while staging
+
+    def compress(self, k, v, scores, cu_seqlens):
+        """The next layer's packed prompt K/V and scores into its rows, at the staging budgets."""
+        if self.layers == self.cache.num_layers:
+            raise ValueError(f"reserved: all {self.layers} layers are already compressed")
+        policy, pool = self.cache.policy, self.cache.pool
+        budget = self.stage[:, None].expand(len(self.prompt_lens), self.cache.num_kv_heads).contiguous()
+        torch.ops.squeeze.compress_kv_(k, v, scores, cu_seqlens, budget, policy.kind, policy.sinks,
+                                       policy.recent_ratio, policy.pool_size, policy.pool_mode, *pool.tensors,
+                                       self.table[self.layers], self.lens[self.layers])
+        self.transient = max(self.transient, _nbytes(k) + _nbytes(v) + _nbytes(scores))
+        self.layers += 1
+
+    def release(self):
+        """Every reserved page back to the pool (a reservation that is not admitted)."""
+        self.cache.pool.release([p for row in self.pages.values() for p in row])
+        self.pages = {}
+
+
+def _take(pool, counts):
+    """{(b, layer, head): page ids} for the rows' page counts (int [B, L, Hkv]), from the pool;
+    raises PoolExhausted, taking none, when it cannot."""
+    pages = pool.allocate(int(counts.sum()))
+    out, at = {}, 0
+    for key, n in zip(itertools.product(*map(range, counts.shape)), counts.flatten().tolist()):
+        out[key] = pages[at : at + n]
+        at += n
+    return out
+
+
+def _table(pages, counts, device, width=None):
+    """Block tables int32 [L, B, Hkv, M] of the rows' pages, -1 past each row's pages."""
+    B, L, Hkv = counts.shape
+    M = max(int(counts.max()) if counts.numel() else 0, width or 0, 1)
+    table = torch.full((L, B, Hkv, M), -1, dtype=torch.int32)
+    for (b, layer, h), row in pages.items():
+        table[layer, b, h, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    return table.to(device)
+
+
+class SqueezeKVCache:
+    """Sequences of per-(layer, KV head) budgets in one page pool. Admit prompts with `admit`
+    (from a PrefillRecord; `reserve` first to bound the prefill's peak), then, per decode token,
+    `attend` every layer in order and `advance` once; `retire` finished sequences.
+
+    Device state (rows 0 .. batch-1 active, the rest padding):
+      tables     int32 [L, R, Hkv, M]  page ids of every row (-1 past its pages)
+      lens       int32 [L, R, Hkv]     tokens each row holds
+      row_budget int32 [L, R, Hkv]     each row's budget
+      _positions int32 [R]             each sequence's next position
+    Host state per active sequence (in row order): its id, its pages, the decode steps it may
+    still take (max_new_tokens at admission), its plan.
+    Views of the active sequences: budgets (int32 [B, L], or [B, L, Hkv] when any plan differs
+    per KV head), planned, similarity [B, L], labels [B, L], centroids [B, k], positions [B],
+    diagnostics (one list of planner.Diagnostics per admission).
+
+    Args:
+        pool: the PagePool. num_layers, num_kv_heads: of the model. policy: the SequencePolicy
+        of every row.
+    """
+
+    def __init__(self, pool, num_layers, num_kv_heads, policy):
+        if not isinstance(policy, SequencePolicy):
+            raise TypeError(f"policy: expected a SequencePolicy, got {type(policy).__name__}")
+        self.pool, self.policy = pool, policy
+        self.num_layers, self.num_kv_heads = num_layers, num_kv_heads
+        device = pool.k.device
+        self.tables = torch.full((num_layers, 0, num_kv_heads, 1), -1, dtype=torch.int32, device=device)
+        self.lens = torch.zeros(num_layers, 0, num_kv_heads, dtype=torch.int32, device=device)
+        self.row_budget = torch.zeros_like(self.lens)
+        self._positions = torch.zeros(0, dtype=torch.int32, device=device)
+        self._seqs = []  # per active row: _Sequence
+        self._next_id = 0
+        self.diagnostics = []
+        self._peak = 0
+
+    # ---- shapes ----
+
+    @property
+    def device(self):
+        return self.pool.k.device
+
+    @property
+    def batch(self):
+        """Active sequences (rows 0 .. batch - 1)."""
+        return len(self._seqs)
+
+    @property
+    def ids(self):
+        """The active sequences' ids, in row order."""
+        return [s.id for s in self._seqs]
+
+    @property
+    def positions(self):
+        """int32 [B]: each active sequence's next position (a view; advance() moves it)."""
+        return self._positions[: self.batch]
+
+    @property
+    def budgets(self):
+        """int32 [B, L] (or [B, L, Hkv] when any active plan differs per KV head)."""
+        b = self.row_budget[:, : self.batch].permute(1, 0, 2)
+        return b if any(s.per_head for s in self._seqs) else b[..., 0]
+
+    @property
+    def per_head(self):
+        return any(s.per_head for s in self._seqs)
+
+    def _gather(self, name):
+        rows = [getattr(s, name) for s in self._seqs]
+        if not rows:
+            return None
+        width = max(r.shape[-1] for r in rows)
+        return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[-1]), value=float("nan"))
+                            if r.is_floating_point() else r for r in rows])
+
+    @property
+    def planned(self):
+        p = self._gather("planned")
+        return p if self.per_head else p[..., 0]
+
+    @property
+    def similarity(self):
+        return self._gather("similarity")
+
+    @property
+    def labels(self):
+        return self._gather("labels")
+
+    @property
+    def centroids(self):
+        return self._gather("centroids")
+
+    # ---- admission ----
+
+    def _grow(self, rows, width):
+        """Room for `rows` rows and tables `width` pages wide (a host-side reallocation between
+        steps; a captured CUDA graph must be captured again after it)."""
+        L, R, Hkv, M = self.tables.shape
+        if rows <= R and width <= M:
+            return
+        R2, M2 = max(rows, R), max(width, M)
+        tables = torch.full((L, R2, Hkv, M2), -1, dtype=torch.int32, device=self.device)
+        tables[:, :R, :, :M] = self.tables
+        lens = torch.zeros(L, R2, Hkv, dtype=torch.int32, device=self.device)
+        lens[:, :R] = self.lens
+        budget = torch.zeros_like(lens)
+        budget[:, :R] = self.row_budget
+        positions = torch.zeros(R2, dtype=torch.int32, device=self.device)
+        positions[:R] = self._positions
+        self.tables, self.lens, self.row_budget, self._positions = tables, lens, budget, positions
+
+    def reserve(self, prompt_lens, settings, max_new_tokens):
+        """Pages for the prompts' rows at their staging budgets (stage_budget), before their
+        prefill (pass the Reservation to PrefillRecord.start). Raises PoolExhausted, taking
+        nothing, when the pool cannot hold them."""
+        settings = _settings_list(settings, len(prompt_lens))
+        steps = _steps_list(max_new_tokens, len(prompt_lens))
+        stage = [stage_budget(self.policy, n, s, g) for n, s, g in zip(prompt_lens, settings, steps)]
+        return Reservation(self, prompt_lens, settings, steps, stage)
+
+    @classmethod
+    def for_prompts(cls, prompt_lens, settings, max_new_tokens, policy, num_layers, num_kv_heads, head_dim, dtype,
+                    device, page_size=16):
+        """A cache whose pool holds exactly the reservation of these prompts (the prefill's peak;
+        after admission the surplus pages are free): for running one batch."""
+        settings = _settings_list(settings, len(prompt_lens))
+        steps = _steps_list(max_new_tokens, len(prompt_lens))
+        pages = sum(num_layers * num_kv_heads * -(-min(stage_budget(policy, n, s, g) + 1, n + g) // page_size)
+                    for n, s, g in zip(prompt_lens, settings, steps))
+        return cls(PagePool(pages, page_size, head_dim, dtype, device), num_layers, num_kv_heads, policy)
+
+    def admit(self, record, settings, max_new_tokens, source=None, warn=False):
+        """Plan the budgets of a prefill's prompts, give their rows pages and fill them.
+
+        Args:
+            record: the PrefillRecord of the prefill (left untouched unless it was compressed
+                into a reservation, which this consumes).
+            settings: SqueezeSettings for all sequences, a list of one per sequence, or None (in
+                the list too) for the full cache (nothing evicted).
+            max_new_tokens: decode steps each sequence may take (each appends one token; an int
+                for all, or one per sequence); no row needs more than its horizon
+                T_b + max_new_tokens slots, so budgets above that are capped there. A step past
+                it is refused (begin_step).
+            source: optional list of prompt indices, one per sequence: forks the prompts so
+                that one prefill serves several settings (not with a reservation).
+            warn: also warnings.warn the plan's diagnostics (they are in `diagnostics`).
+        Returns:
+            the new sequences' ids (ints), in order.
+        Raises PoolExhausted, changing nothing, when the pool cannot hold the rows. Reads the
+        budgets back to the host once (the page counts).
+        """
+        source, settings, steps = _check_request(record, self.policy, settings, max_new_tokens, source)
+        reserved = record.reserved
+        if reserved is not None and (reserved.cache is not self or source != list(range(len(record.prompt_lens)))
+                                     or reserved.settings != settings or reserved.max_new_tokens != steps):
+            raise ValueError("record: compressed into a reservation for other settings, sequences or "
+                             "max_new_tokens (or of another cache); admit it as it was reserved")
+        if reserved is None and record.keys and record.keys[0].shape[1] != self.num_kv_heads:
+            raise ValueError(f"record: {record.keys[0].shape[1]} KV heads, the cache has {self.num_kv_heads}")
+        device = self.device
+        horizon = torch.tensor([record.prompt_lens[i] + g for i, g in zip(source, steps)], dtype=torch.int32,
+                               device=device)
+        plan = _plan(record, source, settings, horizon, self.policy, self.num_kv_heads)
+        if warn:
+            for message in (m for d in plan.diagnostics for m in d.messages):
+                warnings.warn(message, stacklevel=2)
+        counts = _row_pages(self.pool.page_size, plan.budgets.cpu(), horizon.cpu())  # [B, L, Hkv], one host read
+        if reserved is None:
+            pages = _take(self.pool, counts)
+            table = _table(pages, counts, device)
+            lens = torch.zeros(self.num_layers, len(source), self.num_kv_heads, dtype=torch.int32, device=device)
+            self._compress_record(record, source, plan.budgets, table, lens)
+            peak = record.nbytes + self.pool.kv_bytes(self._pages_owned() + int(counts.sum()))
+        else:
+            pages, table, lens = self._shrink(reserved, plan.budgets, counts)
+            peak = reserved.transient + record.nbytes + self.pool.kv_bytes(
+                self._pages_owned() + sum(map(len, reserved.pages.values())))
+            record.reserved = None
+        self._peak = max(self._peak, peak)
+        return self._install(record, source, steps, plan, pages, table, lens)
+
+    def _compress_record(self, record, source, budgets, table, lens):
+        """compress_kv_ of every layer of the record (forked to `source`) into the new rows."""
+        policy, pool = self.policy, self.pool
+        cu, gather = _fork(record, source)
+        rows = budgets.transpose(0, 1).contiguous()  # [L, B, Hkv]
+        for layer in range(record.num_layers):
+            k, v, s = record.keys[layer], record.values[layer], record.scores[layer]
+            if gather is not None:
+                k, v = k.index_select(0, gather), v.index_select(0, gather)
+                s = s.index_select(0, gather) if s.numel() else s
+            torch.ops.squeeze.compress_kv_(k, v, s, cu, rows[layer], policy.kind, policy.sinks, policy.recent_ratio,
+                                           policy.pool_size, policy.pool_mode, *pool.tensors, table[layer],
+                                           lens[layer])
+
+    def _shrink(self, reserved, budgets, counts):
+        """The reserved rows evicted to their budgets, their surplus pages released: (pages,
+        table, lens) of the rows as admitted."""
+        policy = self.policy
+        rows = budgets.transpose(0, 1).contiguous()  # [L, B, Hkv]
+        for layer in range(self.num_layers):
+            torch.ops.squeeze.cache_evict_(*self.pool.tensors, reserved.table[layer], reserved.lens[layer],
+                                           rows[layer], policy.kind, policy.sinks, policy.recent_ratio)
+        pages, surplus = {}, []
+        for key, row in reserved.pages.items():
+            n = int(counts[key])
+            pages[key], surplus = row[:n], surplus + row[n:]
+        self.pool.release(surplus)
+        reserved.pages = {}
+        return pages, _table(pages, counts, self.device), reserved.lens
+
+    def _install(self, record, source, steps, plan, pages, table, lens):
+        """New active rows after the current ones."""
+        B, start = len(source), self.batch
+        self._grow(start + B, table.shape[-1])
+        M = table.shape[-1]
+        self.tables[:, start : start + B, :, :M] = table
+        self.tables[:, start : start + B, :, M:] = -1
+        self.lens[:, start : start + B] = lens
+        self.row_budget[:, start : start + B] = plan.budgets.transpose(0, 1)
+        self._positions[start : start + B] = torch.tensor([record.prompt_lens[i] for i in source], dtype=torch.int32,
+                                                          device=self.device)
+        ids = []
+        for i, src in enumerate(source):
+            seq = _Sequence(self._next_id, {(layer, h): pages[(i, layer, h)] for layer in range(self.num_layers)
+                                            for h in range(self.num_kv_heads)},
+                            steps[i], record.prompt_lens[src] + steps[i], plan.per_head[i],
+                            plan.planned[i], plan.similarity[i], plan.labels[i], plan.centroids[i])
+            self._seqs.append(seq)
+            ids.append(seq.id)
+            self._next_id += 1
+        self.diagnostics.append(plan.diagnostics)
+        return ids
+
+    # ---- retirement ----
+
+    def retire(self, ids):
+        """Sequences out of the batch, their pages back to the pool. The last active rows move
+        into the holes (the order of the others changes); their rows become padding rows."""
+        wanted = set(ids)
+        unknown = wanted - set(self.ids)
+        if unknown:
+            raise ValueError(f"ids: {sorted(unknown)} are not active sequences (active: {self.ids})")
+        for seq_id in ids:
+            row = self.ids.index(seq_id)
+            seq = self._seqs[row]
+            self.pool.release([p for pages in seq.pages.values() for p in pages])
+            last = self.batch - 1
+            if row != last:
+                for t in (self.tables, self.lens, self.row_budget):
+                    t[:, row] = t[:, last]
+                self._positions[row] = self._positions[last]
+                self._seqs[row] = self._seqs[last]
+            self.tables[:, last] = -1
+            self.lens[:, last] = 0
+            self.row_budget[:, last] = 0
+            self._positions[last] = 0
+            self._seqs.pop()
+
+    def _pages_owned(self):
+        return sum(len(p) for s in self._seqs for p in s.pages.values())
+
+    # ---- decoding ----
+
+    def begin_step(self, width=None):
+        """Host half of a decode step, before it: checks that every active sequence may take one
+        more step (each appends a token; max_new_tokens at admission) and returns the rows the
+        step runs over, `width` (>= batch; the rows past the batch are padding rows, as in a
+        CUDA graph captured at that size) or the batch. Reads nothing from the device."""
+        width = self.batch if width is None else width
+        if width < self.batch:
+            raise ValueError(f"width: expected >= the {self.batch} active sequences, got {width}")
+        self._grow(width, 1)
+        done = [s.id for s in self._seqs if s.steps_left <= 0]
+        if done:
+            raise ValueError(f"max_new_tokens: sequences {done} have taken the decode steps they were admitted "
+                             "for; retire them (or admit them with a larger max_new_tokens)")
+        return width
+
+    def attend(self, layer, q, k_new, v_new, scale):
+        """One decode step of one layer (decode_step_) over rows 0 .. W-1, W = q.shape[0] (the
+        width of begin_step): append the new token's K/V [W, Hkv, D] at `positions`, attend
+        q [W, H, D] over each row (softmax(scale * q.k)), accumulate H2O scores when the policy
+        uses them, evict down to the row budgets. Returns [W, H, D] in q's dtype. Mutates the
+        layer's rows in the pool and their lens."""
+        W = q.shape[0]
+        p = self.policy
+        return torch.ops.squeeze.decode_step_(
+            q, k_new, v_new, self._positions[:W], *self.pool.tensors, self.tables[layer, :W], self.lens[layer, :W],
+            self.row_budget[layer, :W], scale, p.kind, p.sinks, p.recent_ratio, p.needs_scores)
+
+    def advance(self, width):
+        """Device half of a decode step, after every layer has attended: the rows move to their
+        next position (capturable in a CUDA graph with the layers)."""
+        self._positions[:width] += 1
+
+    def end_step(self):
+        """Host half of a decode step, after it: one step taken by every active sequence."""
+        for seq in self._seqs:
+            seq.steps_left -= 1
+
+    @property
+    def version(self):
+        """Changes whenever the device tables are reallocated (_grow): a CUDA graph captured
+        over them must then be captured again."""
+        return id(self.tables)
+
+    # ---- accounting ----
+
+    def memory(self):
+        """Byte accounting of the active sequences (see MemoryReport)."""
+        pool, L, Hkv, B = self.pool, self.num_layers, self.num_kv_heads, self.batch
+        S = pool.page_size
+        pages = self._pages_owned()
+        budgets = self.row_budget[:, :B].cpu()
+        per_layer = [sum(len(s.pages[(layer, h)]) for s in self._seqs for h in range(Hkv)) for layer in range(L)]
+        full = sum(L * Hkv * pool.pages_for(s.horizon) for s in self._seqs)
+        padded = sum(B * Hkv * (int(budgets[layer].max()) + 1) for layer in range(L)) if B else 0
+        esize = pool.k.element_size()
+        D = pool.k.shape[2]
+        metadata = pages * S * 8 + 4 * (self.tables[:, :B].numel() + 2 * self.lens[:, :B].numel())
+        return MemoryReport(
+            pages=pages, kv_allocated=pool.kv_bytes(pages), slots_allocated=pages * S,
+            slots_held=int(self.lens[:, :B].sum()), slots_budget=int(budgets.sum()),
+            paged_full=pool.kv_bytes(full), padded=padded * 2 * D * esize, metadata=metadata,
+            prefill_peak=self._peak, pool=pool.num_pages * pool.page_bytes(),
+            kv_per_layer=[pool.kv_bytes(n) for n in per_layer])
+
+    # ---- one batch ----
+
+    @classmethod
+    def build(cls, record, policy, settings, max_new_tokens, source=None, page_size=16, warn=False):
+        """A cache holding one batch: its pool sized exactly for the batch's rows, the prompts
+        admitted (see admit). For one prefill scored under several settings (forks), and for
+        tests; an engine keeps one pool and admits into it."""
+        source_, settings_, steps = _check_request(record, policy, settings, max_new_tokens, source)
+        if record.reserved is not None:
+            raise ValueError("record: compressed into a reservation; admit it into the reserving cache")
+        device = record.cos_sum.device
+        num_kv_heads, head_dim = record.keys[0].shape[1:]
+        horizon = torch.tensor([record.prompt_lens[i] + g for i, g in zip(source_, steps)], dtype=torch.int32,
+                               device=device)
+        plan = _plan(record, source_, settings_, horizon, policy, num_kv_heads)
+        pages = int(_row_pages(page_size, plan.budgets.cpu(), horizon.cpu()).sum())
+        pool = PagePool(pages, page_size, head_dim, record.keys[0].dtype, device)
+        cache = cls(pool, record.num_layers, num_kv_heads, policy)
+        cache.admit(record, settings_, steps, source_, warn=warn)
+        return cache
+
+
+@dataclass
+class _Sequence:
+    """Host state of one active sequence."""
+
+    id: int
+    pages: dict        # (layer, KV head) -> page ids
+    steps_left: int
+    horizon: int
+    per_head: bool
+    planned: torch.Tensor     # [L, Hkv]
+    similarity: torch.Tensor  # [L]
+    labels: torch.Tensor      # [L]
+    centroids: torch.Tensor   # [k]
+
+
+def _fork(record, source):
+    """cu_seqlens of the sequences and the gather index that builds their packed prompts from
+    the record's tensors (None when the cache takes the prompts as they are)."""
+    if source == list(range(len(record.prompt_lens))):
         return record.cu_seqlens, None
     device = record.cu_seqlens.device
     starts = torch.cumsum(torch.tensor([0] + record.prompt_lens), 0).tolist()
-    lens = [record.prompt_lens[i] for i in source for _ in range(heads)]
-    gather = torch.cat([torch.arange(starts[i], starts[i] + record.prompt_lens[i]) * heads + h
-                        for i in source for h in range(heads)])
+    lens = [record.prompt_lens[i] for i in source]
+    gather = torch.cat([torch.arange(starts[i], starts[i] + record.prompt_lens[i]) for i in source])
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
     return cu.to(device), gather.to(device)

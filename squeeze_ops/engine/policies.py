@@ -13,7 +13,7 @@
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..vocabulary import DEFAULT_RECENT_RATIO, DEFAULT_SINKS, POLICIES
+from ..vocabulary import DEFAULT_RECENT_RATIO, DEFAULT_SINKS, POLICIES, POOL_MODES
 from .allocators import Fixed, Squeeze, Uniform, needs_of
 from .allocators.base import describe as describe_allocator
 
@@ -32,12 +32,17 @@ class SequencePolicy:
     recent_ratio:  h2o only: share of the budget protected as the newest tokens.
     score_queries: h2o only: 0 scores every key by the attention mass of all later prompt
                    queries (H2O); W > 0 by the last W prompt queries only (SnapKV-style).
+    pool_size, pool_mode: h2o only: the prompt is compressed by its scores pooled over
+                   pool_size neighbouring positions, their max ("max") or mean ("avg")
+                   (SnapKV's pooling; 1: the scores themselves).
     """
 
     kind: str
     sinks: int = None
     recent_ratio: float = DEFAULT_RECENT_RATIO
     score_queries: int = 0
+    pool_size: int = 1
+    pool_mode: str = "max"
 
     def __post_init__(self):
         if self.kind not in POLICIES:
@@ -50,6 +55,10 @@ class SequencePolicy:
             raise ValueError(f"recent_ratio: expected a value in [0, 1], got {self.recent_ratio}")
         if not isinstance(self.score_queries, int) or self.score_queries < 0:
             raise ValueError(f"score_queries: expected an int >= 0, got {self.score_queries!r}")
+        if not isinstance(self.pool_size, int) or self.pool_size < 1 or self.pool_size % 2 == 0:
+            raise ValueError(f"pool_size: expected an odd int >= 1, got {self.pool_size!r}")
+        if self.pool_mode not in POOL_MODES:
+            raise ValueError(f"pool_mode: expected one of {POOL_MODES}, got {self.pool_mode!r}")
 
     @classmethod
     def window(cls):
@@ -60,8 +69,10 @@ class SequencePolicy:
         return cls("streaming", sinks=sinks)
 
     @classmethod
-    def h2o(cls, sinks=DEFAULT_SINKS["h2o"], recent_ratio=DEFAULT_RECENT_RATIO, score_queries=0):
-        return cls("h2o", sinks=sinks, recent_ratio=recent_ratio, score_queries=score_queries)
+    def h2o(cls, sinks=DEFAULT_SINKS["h2o"], recent_ratio=DEFAULT_RECENT_RATIO, score_queries=0, pool_size=1,
+            pool_mode="max"):
+        return cls("h2o", sinks=sinks, recent_ratio=recent_ratio, score_queries=score_queries, pool_size=pool_size,
+                   pool_mode=pool_mode)
 
     @property
     def needs_scores(self):
@@ -80,7 +91,8 @@ class SequencePolicy:
         if self.kind == "streaming":
             return f"streaming({self.sinks} sinks)"
         scoring = f", last {self.score_queries} queries" if self.score_queries else ""
-        return f"h2o(recent {self.recent_ratio:g}, {self.sinks} sinks{scoring})"
+        pooling = f", {self.pool_mode}-pooled over {self.pool_size}" if self.pool_size > 1 else ""
+        return f"h2o(recent {self.recent_ratio:g}, {self.sinks} sinks{scoring}{pooling})"
 
 
 @dataclass(frozen=True)

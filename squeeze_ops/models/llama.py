@@ -4,7 +4,8 @@ window). transformers itself is only needed to load the model.
 
 Per decoder layer (pre-norm):
     h = rmsnorm(x) * w_in;  q, k, v = h Wq, h Wk, h Wv;  RoPE on q, k at the token positions
-    prefill: out, lse, col_scores = prefill_attention(q, k, v)   (packed varlen, causal)
+    prefill: out, lse, col_scores = prefill_attention(q, k, v)   (packed varlen, causal); the
+             layer's K/V go to the PrefillRecord (or straight into reserved rows of the cache)
     decode:  out = SqueezeKVCache.attend(...)  ->  decode_step_  (append, attend, evict)
     h = add_rmsnorm_cossim(x, out Wo, w_post)   # x += attention, the norm of the MLP, and the
                                                 # layer's similarity cos(x_in, x_mid) summed
@@ -12,14 +13,14 @@ Per decoder layer (pre-norm):
 then logits = rmsnorm(x) * w_final Wlm.
 
 Keys are cached after RoPE at their original positions. Positions are explicit: prefill
-tokens are numbered 0..T_b-1 per prompt, and each decode step uses `cache.positions`, never a
-cache length (layers hold different numbers of tokens).
+tokens are numbered 0..T_b-1 per prompt, and each decode step uses the cache's positions, never
+a cache length (rows hold different numbers of tokens).
 """
 import torch
 import torch.nn.functional as F
 
 from ..engine.cache import PrefillRecord, SqueezeKVCache
-from ..engine.policies import NO_SCORES, PrefillNeeds, prefill_needs
+from ..engine.policies import NO_SCORES, PrefillNeeds, SequencePolicy, prefill_needs
 from ..engine.signals import attention_perturbation, observed_attention
 
 
@@ -111,7 +112,7 @@ class LlamaRunner:
         return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)
 
     @torch.no_grad()
-    def prefill(self, prompts, needs=PrefillNeeds()):
+    def prefill(self, prompts, needs=PrefillNeeds(), reserved=None):
         """Full-attention prefill of B prompts (1-D token id tensors, ragged lengths).
 
         needs: what to record besides each layer's K/V and similarity sums (PrefillNeeds;
@@ -124,16 +125,19 @@ class LlamaRunner:
             perturb        policies whose residual perturbation over the last `observe` queries
                            is recorded (signals.attention_perturbation; h2o reads this
                            prefill's scores).
-        Returns (record, logits): the PrefillRecord for SqueezeKVCache.build and the logits
-        [B, V] of each prompt's last token (the prediction of its first new token).
+        reserved: a Reservation of a SqueezeKVCache (SqueezeKVCache.reserve) for these prompts:
+            each layer's K/V is compressed into its rows as soon as the layer's attention has
+            run, so the prefill holds one layer's prompt K/V at a time; admit the record into
+            that cache.
+        Returns (record, logits): the PrefillRecord for SqueezeKVCache.admit / build and the
+        logits [B, V] of each prompt's last token (the prediction of its first new token).
         """
         if not isinstance(needs, PrefillNeeds):
             raise TypeError(f"needs: expected a PrefillNeeds (prefill_needs(policy, settings)), got "
                             f"{type(needs).__name__}")
         needs.check()
         lens = [len(p) for p in prompts]
-        record = PrefillRecord.start(lens, self.num_layers, self.device)
-        record.needs = needs
+        record = PrefillRecord.start(lens, self.num_layers, self.device, needs, reserved)
         scores = needs.score_queries != NO_SCORES
         # Without policy scores, the op computes the observed ones in the same pass.
         op_queries = needs.score_queries if scores else (needs.observe if needs.observe else NO_SCORES)
@@ -160,9 +164,27 @@ class LlamaRunner:
 
     @torch.no_grad()
     def decode(self, cache, tokens):
-        """One decode step: tokens int [B] at cache.positions -> logits [B, V]. Mutates the
-        cache (every layer's decode_step_, then positions += 1). No host synchronisation."""
-        cos, sin = self._rope(cache.positions)
+        """One decode step: tokens int [W] (W >= cache.batch; the rows past the batch are padding
+        rows, e.g. of a CUDA graph captured at W) at the cache's positions -> logits [W, V].
+        Mutates the cache (every layer's decode_step_, then positions += 1). No host
+        synchronisation; a sequence past its max_new_tokens is refused (cache.begin_step)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point():
+            raise ValueError(f"tokens: expected a 1-d integer tensor, got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        if tokens.device != self.device:
+            raise ValueError(f"tokens: expected device {self.device} (that of the model), got {tokens.device}")
+        if tokens.shape[0] < cache.batch:
+            raise ValueError(f"tokens: expected one per active sequence ({cache.batch}) or more, got {tokens.shape[0]}")
+        width = cache.begin_step(tokens.shape[0])
+        logits = self.decode_rows(cache, tokens)
+        cache.end_step()
+        return logits
+
+    def decode_rows(self, cache, tokens):
+        """The device work of decode over rows 0 .. W-1 of the cache (W = tokens.shape[0]): what
+        a CUDA graph captures (DecodeGraphs); decode wraps it in the cache's host checks."""
+        width = tokens.shape[0]
+        cos, sin = self._rope(cache._positions[:width])
         x = F.embedding(tokens.long(), self.embed)
         # One token per sequence; the decode's similarity sums are scratch (the plan is fixed).
         cu = torch.arange(x.shape[0] + 1, dtype=torch.int32, device=self.device)
@@ -171,25 +193,52 @@ class LlamaRunner:
             q, k, v = self._qkv(w, x, cos, sin)
             out = cache.attend(layer, q.contiguous(), k, v, self.scale)
             self._finish_layer(w, x, self._project(w, out), cu, cos_scratch)
-        cache.advance()
+        cache.advance(width)
         return self._logits(x)
+
+    def new_cache(self, prompts, policy, settings, max_new_tokens, page_size=16):
+        """A cache for these prompts alone, its pool sized to their prefill's peak (the rows at
+        their staging budgets)."""
+        return SqueezeKVCache.for_prompts([len(p) for p in prompts], settings, max_new_tokens, policy,
+                                          self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device,
+                                          page_size)
+
+    @torch.no_grad()
+    def start(self, prompts, policy, settings, max_new_tokens, cache=None):
+        """Prefill, plan and admit B prompts with a bounded prefill peak: their rows are
+        reserved first and each layer compressed into them as its attention runs. cache: the
+        SqueezeKVCache to admit into (default: new_cache for these prompts alone).
+        Returns (cache, ids, logits [B, V] of each prompt's last token)."""
+        if not isinstance(policy, SequencePolicy):
+            raise TypeError(f"policy: expected a SequencePolicy, got {type(policy).__name__}")
+        cache = self.new_cache(prompts, policy, settings, max_new_tokens) if cache is None else cache
+        reserved = cache.reserve([len(p) for p in prompts], settings, max_new_tokens)
+        try:
+            record, logits = self.prefill(prompts, prefill_needs(policy, settings), reserved)
+            ids = cache.admit(record, settings, max_new_tokens)
+        except BaseException:
+            reserved.release()
+            raise
+        return cache, ids, logits
 
     @torch.no_grad()
     def generate(self, prompts, policy, settings, max_new_tokens):
-        """Greedy decoding of max_new_tokens per prompt through a squeezed cache (prefill,
-        plan, compress, decode). Returns (tokens int64 [B, max_new_tokens], cache)."""
-        record, logits = self.prefill(prompts, prefill_needs(policy, settings))
-        cache = SqueezeKVCache.build(record, policy, settings, max_new_tokens)
+        """Greedy decoding of max_new_tokens per prompt through a squeezed cache: start (the
+        first token comes from the prefill, so max_new_tokens - 1 decode steps are admitted),
+        then greedy. Returns (tokens int64 [B, max_new_tokens], cache)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        cache, _, logits = self.start(prompts, policy, settings, max(max_new_tokens - 1, 0))
         return self.greedy(cache, logits, max_new_tokens), cache
 
     @torch.no_grad()
     def greedy(self, cache, first_logits, max_new_tokens):
-        """Greedy continuation from a built cache: first_logits [B, V] from the prefill.
-        Returns tokens int64 [B, max_new_tokens]."""
+        """Greedy continuation from an admitted cache: first_logits [B, V] from the prefill.
+        Takes max_new_tokens - 1 decode steps. Returns tokens int64 [B, max_new_tokens]."""
         out = [first_logits.argmax(-1)]
         for _ in range(max_new_tokens - 1):
             out.append(self.decode(cache, out[-1]).argmax(-1))
-        return torch.stack(out, dim=1)
+        return torch.stack(out, dim=1)[:, :max_new_tokens]
 
     @torch.no_grad()
     def score(self, cache, first_logits, targets, on_step=None):

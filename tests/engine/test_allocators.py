@@ -210,6 +210,6 @@ def test_engine_runs_any_allocator_per_sequence():
     assert cache.budgets[0].sum() == cache.budgets[1].sum() == L * 9
     prompts = torch.tensor(lens)[[0, 0, 1]]
     for layer in range(L):
-        assert torch.equal(cache.lens[layer][:3], torch.minimum(cache.budgets[:3, layer], prompts))
+        assert torch.equal(cache.lens[layer, :3], torch.minimum(cache.budgets[:3, layer], prompts)[:, None].expand(3, HKV))
     assert SqueezeSettings(b_init=0.3, allocator=Uniform()).is_uniform
     assert "similarity-weighted" in settings[0].describe()

@@ -58,7 +58,7 @@ def test_matches_hf_when_budgets_cover_the_sequence(tiny, policy, settings):
         ref = _hf_logits(model, prompt, targets[b, :STEPS])
         torch.testing.assert_close(ours[b], ref, rtol=1e-4, atol=1e-4)
     assert cache.positions.tolist() == [n + STEPS for n in LENS]
-    assert all(lens.tolist() == [n + STEPS for n in LENS] for lens in cache.lens)
+    assert all(lens[:, 0].tolist() == [n + STEPS for n in LENS] for lens in cache.lens)
 
 
 @pytest.mark.parametrize("policy", [SequencePolicy.window(), SequencePolicy.streaming(2), SequencePolicy.h2o()])
@@ -71,12 +71,10 @@ def test_small_budgets_stay_finite_and_account_exactly(tiny, policy):
     ours = _our_logits(runner, cache, first, targets)
     assert torch.isfinite(ours).all()
     for layer, lens in enumerate(cache.lens):
-        assert lens.tolist() == cache.budgets[:, layer].tolist()  # every layer ends at its budget
+        assert lens[:, 0].tolist() == cache.budgets[:, layer].tolist()  # every layer ends at its budget
     mem = cache.memory()
-    allocated = cache.kv.untyped_storage().nbytes()
-    assert mem.kv_total == allocated == sum(
-        c * 2 * model.config.num_key_value_heads * 16 * 4 * len(LENS) for c in cache.capacities)
-    assert mem.kv_total < mem.full_cache
+    assert mem.kv_allocated == mem.pages * 2 * 16 * 16 * 4 == cache.pool.kv_bytes(cache.pool.num_pages)
+    assert mem.kv_allocated < mem.paged_full
     # Evicting changes the result: the squeezed cache is really in use.
     full = _hf_logits(model, prompts[2], targets[2, :STEPS])
     assert not torch.allclose(ours[2], full, atol=1e-3)
@@ -91,6 +89,21 @@ def test_generate_is_greedy_decoding_of_hf(tiny):
                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
         assert tokens[b].tolist() == ref[0, len(prompt):].tolist()
     assert cache.positions.tolist() == [LENS[0] + 5, LENS[1] + 5]
+    # The cache was admitted for the 5 decode steps the 6 tokens take: a further step is refused.
+    with pytest.raises(ValueError, match="^max_new_tokens:"):
+        runner.decode(cache, tokens[:, -1])
+    empty, _ = runner.generate(prompts[:2], SequencePolicy.streaming(2), None, 0)
+    assert empty.shape == (2, 0)
+
+
+def test_decode_checks_its_tokens(tiny):
+    model, prompts, _ = tiny
+    runner = LlamaRunner(model)
+    cache, _, first = runner.start(prompts, SequencePolicy.window(), None, 2)
+    for bad, match in ((first.argmax(-1)[:2], "one per active sequence"), (first.argmax(-1).float(), "integer"),
+                       (first.argmax(-1)[:, None], "1-d"), (first.argmax(-1).to("meta"), "device")):
+        with pytest.raises(ValueError, match=f"^tokens: .*{match}"):
+            runner.decode(cache, bad)
 
 
 @pytest.mark.parametrize("score_queries", [0, -1, 5])
@@ -246,4 +259,4 @@ def test_smollm2_smoke(smollm2):
     squeezed = SqueezeKVCache.build(record, SequencePolicy.h2o(), SqueezeSettings.squeeze(b_init=0.2, p=0.5), 8)
     nll_sq, _ = runner.score(squeezed, first, continuation[None])
     assert torch.isfinite(nll_sq).all()
-    assert squeezed.memory().kv_total < 0.5 * full.memory().kv_total
+    assert squeezed.memory().kv_allocated < 0.5 * full.memory().kv_allocated
