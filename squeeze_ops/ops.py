@@ -303,9 +303,10 @@ def decode_step_(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos:
     Where slot n lies on a page this equals cache_append_, decode_attention and cache_evict_ in
     sequence; on no page (e.g. a padding row of -1 pages) the new token is attended, not stored.
 
-    Args: as decode_attention, cache_append_ and cache_evict_; requires lens < C and
-        budget <= C - 1 (C >= budget + 1: the slot of the appended token). accumulate_scores
-        defaults to policy == "h2o".
+    Args: as decode_attention, cache_append_ and cache_evict_; requires lens < C (the slot of
+        the appended token) and budget <= C: a row of budget b never holds more than b + 1
+        slots, and a row whose budget exceeds every length it reaches never evicts and needs
+        only those. accumulate_scores defaults to policy == "h2o".
     Returns:
         out [B, H, D] in q's dtype.
     Mutates: the rows' slots in the pool, lens.

@@ -53,7 +53,7 @@ void cache_evict_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const
                  {&score_pages, "score_pages"}, {&lens, "lens"}},
                 {{&block_table, "block_table"}, {&budget, "budget"}});
   paged::check_lens_values(lens, s, /*append=*/false);
-  paged::check_budget_values(budget, s, /*append=*/false);
+  paged::check_budget_values(budget, s);
   paged::check_block_table_values(block_table, s);
 
   int32_t* n = lens.data_ptr<int32_t>();

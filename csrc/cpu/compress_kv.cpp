@@ -101,7 +101,7 @@ void compress_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
                 {{&k, "k"}, {&v, "v"}, {&scores, "scores"}, {&cu_seqlens, "cu_seqlens"}, {&budget, "budget"},
                  {&block_table, "block_table"}});
   const std::vector<int64_t> cu = checked_offsets(cu_seqlens, T, k, "k");
-  paged::check_budget_values(budget, s, /*append=*/false);
+  paged::check_budget_values(budget, s);
   paged::check_block_table_values(block_table, s);
 
   const bool has_scores = scores.size(0) > 0, pool_max = pool_mode == "max";

@@ -28,7 +28,7 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k_new, const a
                 {{&q, "q"}, {&block_table, "block_table"}, {&budget, "budget"}, {&k_new, "k_new"},
                  {&v_new, "v_new"}, {&pos, "pos"}});
   paged::check_lens_values(lens, s, /*append=*/true);
-  paged::check_budget_values(budget, s, /*append=*/true);
+  paged::check_budget_values(budget, s);
   paged::check_pos_values(pos);
   paged::check_block_table_values(block_table, s);
 

@@ -110,16 +110,15 @@ inline void check_lens_values(const at::Tensor& lens, const Shape& s, bool appen
   }
 }
 
-// 0 <= budget <= C, or <= C - 1 for decode_step_ (the appended token needs a slot first).
-inline void check_budget_values(const at::Tensor& budget, const Shape& s, bool append) {
+// 0 <= budget <= C. (An append needs lens < C, check_lens_values; a row whose budget is C then
+// fills up and refuses the next append, which is what a row sized to its horizon wants.)
+inline void check_budget_values(const at::Tensor& budget, const Shape& s) {
   const int32_t* p = budget.data_ptr<int32_t>();
-  const int64_t top = append ? s.capacity() - 1 : s.capacity();
   for (int64_t r = 0; r < s.B * s.Hkv; ++r) {
     TORCH_CHECK(p[r] >= 0, "budget: budget[", r / s.Hkv, ", ", r % s.Hkv, "] = ", p[r],
                 ": expected non-negative budgets");
-    TORCH_CHECK(p[r] <= top, "budget: budget[", r / s.Hkv, ", ", r % s.Hkv, "] = ", p[r],
-                ": exceeds the capacity C = ", s.capacity(),
-                append ? " minus the slot of the appended token (decode_step_ needs C >= budget + 1)" : "");
+    TORCH_CHECK(p[r] <= s.capacity(), "budget: budget[", r / s.Hkv, ", ", r % s.Hkv, "] = ", p[r],
+                ": exceeds the capacity C = ", s.capacity(), " of a row (block_table width x page size)");
   }
 }
 

@@ -37,9 +37,9 @@ import torch
 
 from .allocators.base import describe
 from .planner import allocate, diagnose
-from .policies import PrefillNeeds, SequencePolicy, prefill_needs
+from .policies import NO_SCORES, PrefillNeeds, SequencePolicy, prefill_needs
 from .pool import PagePool
-from .signals import pad_observed
+from .signals import attention_perturbation, observed_attention, pad_observed
 
 
 @dataclass
@@ -95,6 +95,35 @@ class PrefillRecord:
             self.keys.append(k)
             self.values.append(v)
             self.scores.append(scores)
+
+    def attend(self, q, k, v, scale):
+        """The next layer's prefill attention with what the needs ask recorded: prefill_attention
+        (causal over each prompt, softmax(scale * q.k)) computing the column scores the policy
+        compresses by (or, without those, the observed ones), the layer's K/V and scores added
+        (add_layer), the observed scores appended when asked.
+        q [T_total, H, D], k/v [T_total, Hkv, D] packed by cu_seqlens (keys after RoPE).
+        Returns (out [T_total, H, D] in q's dtype, lse fp32 [T_total, H], the policy's scores
+        fp32 [T_total, Hkv] or None): what add_perturbation reads."""
+        needs = self.needs
+        scored = needs.score_queries != NO_SCORES
+        # Without policy scores, the op computes the observed ones in the same pass.
+        op_queries = needs.score_queries if scored else (needs.observe or NO_SCORES)
+        out, lse, col_scores = torch.ops.squeeze.prefill_attention(q, k, v, self.cu_seqlens, self.max_seqlen, scale,
+                                                                   op_queries)
+        self.add_layer(k, v, col_scores if scored else col_scores[:0])
+        if needs.observe:
+            self.observed.append(col_scores if op_queries == needs.observe
+                                 else observed_attention(q, k, lse, self.prompt_lens, needs.observe, scale))
+        return out, lse, (col_scores if scored else None)
+
+    def add_perturbation(self, q, k, v, lse, scores, out_proj, residual, scale):
+        """The layer's attention_perturbation curve for every policy the needs list (nothing when
+        none): q, k, v, lse, scores as attend took and returned them; out_proj [hidden, H * D]
+        the layer's output projection; residual [T_total, hidden] the stream after the
+        attention is added."""
+        for policy in self.needs.perturb:
+            self.perturbation.setdefault(policy, []).append(attention_perturbation(
+                q, k, v, lse, out_proj, residual, self.prompt_lens, policy, self.needs.observe, scale, scores))
 
     @property
     def layers_added(self):
@@ -517,9 +546,9 @@ class SqueezeKVCache:
             self._compress_record(record, source, plan.budgets, table, lens)
             peak = record.nbytes + self.pool.kv_bytes(self._pages_owned() + int(counts.sum()))
         else:
+            staged = sum(map(len, reserved.pages.values()))
             pages, table, lens = self._shrink(reserved, plan.budgets, counts)
-            peak = reserved.transient + record.nbytes + self.pool.kv_bytes(
-                self._pages_owned() + sum(map(len, reserved.pages.values())))
+            peak = reserved.transient + record.nbytes + self.pool.kv_bytes(self._pages_owned() + staged)
             record.reserved = None
         self._peak = max(self._peak, peak)
         return self._install(record, source, steps, plan, pages, table, lens)

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.cache import PrefillRecord, SqueezeKVCache
-from ..engine.policies import NO_SCORES, PrefillNeeds, SequencePolicy, prefill_needs
-from ..engine.signals import attention_perturbation, observed_attention
+from ..engine.policies import PrefillNeeds, SequencePolicy, prefill_needs
 
 
 def rms_norm(x, weight, eps):
@@ -46,6 +45,7 @@ class LlamaRunner:
     """
 
     def __init__(self, model):
+        self.model = model  # the transformers model whose weights it reads
         config = model.config
         rope_type = (getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}).get(
             "rope_type", "default")
@@ -138,9 +138,6 @@ class LlamaRunner:
         needs.check()
         lens = [len(p) for p in prompts]
         record = PrefillRecord.start(lens, self.num_layers, self.device, needs, reserved)
-        scores = needs.score_queries != NO_SCORES
-        # Without policy scores, the op computes the observed ones in the same pass.
-        op_queries = needs.score_queries if scores else (needs.observe if needs.observe else NO_SCORES)
         ids = torch.cat([torch.as_tensor(p, device=self.device) for p in prompts]).long()
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
         cos, sin = self._rope(positions)
@@ -148,17 +145,10 @@ class LlamaRunner:
         x = F.embedding(ids, self.embed)
         for layer, w in enumerate(self.layers):
             q, k, v = self._qkv(w, x, cos, sin)
-            out, lse, col_scores = torch.ops.squeeze.prefill_attention(
-                q, k, v, cu, record.max_seqlen, self.scale, op_queries)
-            record.add_layer(k, v, col_scores if scores else col_scores[:0])
-            if needs.observe:
-                record.observed.append(col_scores if op_queries == needs.observe
-                                       else observed_attention(q, k, lse, lens, needs.observe, self.scale))
+            out, lse, scores = record.attend(q, k, v, self.scale)
             attn = self._project(w, out)
-            for policy in needs.perturb:
-                record.perturbation.setdefault(policy, []).append(attention_perturbation(
-                    q, k, v, lse, w["wo"], x + attn, lens, policy, needs.observe, self.scale,
-                    col_scores if scores else None))
+            if needs.perturb:
+                record.add_perturbation(q, k, v, lse, scores, w["wo"], x + attn, self.scale)
             self._finish_layer(w, x, attn, cu, record.cos_sum[layer])
         return record, self._logits(x[cu[1:].long() - 1])
 

@@ -107,6 +107,27 @@ def test_equals_the_separate_ops():
         assert_same_cache(fused, split)
 
 
+@pytest.mark.parametrize("device", ["cpu", TRITON_DEVICE])
+def test_a_row_whose_budget_is_its_capacity_fills_it(device, value_checks):
+    """budget = C (a row sized to every token it will hold, which never evicts): the steps that
+    fit equal the reference, the one with no slot left is refused, the cache untouched."""
+    run = torch.ops.squeeze.decode_step_ if device == "cpu" else tk.decode_step_
+    cache = random_cache(2, 2, [9, 10], 64, 4, width=3, device=device)  # C = 12
+    want = cache.to("cpu")
+    budget = budgets([12, 12], 2, 2, device)
+    for step in range(2):
+        q, k_new, v_new, pos = step_inputs(2, 4, 2, 64, [9 + step, 10 + step], device=device)
+        args = (budget, 0.125, "h2o", 1, 0.5, True)
+        out = run(q, k_new, v_new, pos, *cache, *args)
+        ref = reference.decode_step_(q.cpu(), k_new.cpu(), v_new.cpu(), pos.cpu(), *want, budget.cpu(), *args[1:])
+        torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
+        assert kept_positions(cache) == kept_positions(want)
+    assert cache[5].tolist() == [[11, 11], [12, 12]]
+    q, k_new, v_new, pos = step_inputs(2, 4, 2, 64, [11, 12], device=device)
+    expect_error(lambda: run(q, k_new, v_new, pos, *cache, budget, 0.125, "h2o", 1, 0.5, True), cache,
+                 "capacity overflow")
+
+
 def test_padding_rows_attend_to_nothing_stored():
     """A row of -1 pages (a padding row of a CUDA-graph batch): its new token is attended (the
     output is v_new), nothing is stored, its length goes back to its budget 0; the other rows are
@@ -227,7 +248,7 @@ def bad_steps():
     full = cache.clone()
     full[5] = torch.tensor([[2, 2], [6, 5]], **I32)
     yield "capacity overflow", (q, k_new, v_new, pos, *full, budget, *tail), "capacity overflow"
-    yield "budget = C", (q, k_new, v_new, pos, *cache, budgets([2, 6], B, Hkv, "cpu"), *tail), "budget.*exceeds"
+    yield "budget > C", (q, k_new, v_new, pos, *cache, budgets([2, 7], B, Hkv, "cpu"), *tail), "budget.*exceeds"
     yield "lens > C", (q, k_new, v_new, pos, *cache[:5], torch.tensor([[9, 1], [1, 1]], **I32), budget, *tail), \
         "lens.*exceeds"
     yield "negative lens", (q, k_new, v_new, pos, *cache[:5], torch.tensor([[-1, 1], [1, 1]], **I32), budget,
