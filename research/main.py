@@ -5,9 +5,9 @@
 SmolLM2-135M on one window of Botchan: full-attention prefill measuring each layer's
 similarity cos(x_in, x_mid), the groups of the 1-D K-Means, the budget per layer, the KV
 memory against a full cache, a greedy continuation with the full and the squeezed cache
-through transformers' model.generate (squeeze_ops.models.hf.SqueezeCache), and
-a small quality table (teacher-forced NLL increase over the full cache), the paper's claims,
-and the allocators recommended for this model against uniform. Uses the GPU kernels when a
+through transformers' model.generate (squeeze_ops.models.hf.SqueezeCache), a small quality
+table (teacher-forced NLL increase over the full cache), a pass-key retrieval line (full vs
+squeezed), the paper's claims, and the allocators recommended for this model against uniform. Uses the GPU kernels when a
 GPU is present. The full grid is `python -m research.quality`.
 """
 import argparse
@@ -21,6 +21,9 @@ from squeeze_ops.engine.presets import recommended_allocator
 from squeeze_ops.models.hf import SqueezeCache
 
 from . import evaluation as ev
+from . import tasks
+
+RETRIEVAL_TOKENS = 16  # generated per pass-key trial (the answer is a 5-digit number)
 
 
 def main(argv=None):
@@ -31,6 +34,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=0.2, help="b_init of the demo cache (default 0.2)")
     parser.add_argument("--p", type=float, default=0.5, help="squeeze factor p of the demo cache (default 0.5)")
     parser.add_argument("--greedy", type=int, default=32, help="greedy continuation tokens (default 32)")
+    parser.add_argument("--retrieval-trials", type=int, default=5,
+                        help="pass-key trials per cache at the prompt length (default 5; 0 skips)")
     job = ev.start_job(parser, argv)
     if job is None:
         return 2
@@ -97,6 +102,8 @@ def main(argv=None):
           f"{summary.full_nll:.4f} nats/token. dNLL = increase over the full cache; agree = top-1 agreement.")
     print(ev.quality_table(summary))
     print()
+    if args.retrieval_trials:
+        retrieval_line(args, runner, tokenizer, policy, squeeze, progress)
     print("\n".join(ev.claims(summary)))
     print("\n## The allocators the held-out evaluation recommends for this model (research/README.md), "
           "same window, vs uniform at equal KV held (negative = better)")
@@ -104,6 +111,25 @@ def main(argv=None):
     print("(one window: indicative only; the full grid over several windows is `python -m research.quality`)")
     print(f"\ntotal run time {progress.elapsed():.0f} s")
     return 0
+
+
+def retrieval_line(args, runner, tokenizer, policy, squeeze, progress):
+    """Pass-key retrieval (research.tasks) at the prompt length, full vs the demo's squeezed
+    cache, through model.generate with a SqueezeCache: one line of exact-match counts."""
+    progress(f"pass-key retrieval, {args.retrieval_trials} trials x 2 caches")
+    trials = tasks.suite(tokenizer, ev.botchan_text(args.data_dir), [args.prompt_len], args.retrieval_trials,
+                         tasks=[tasks.PassKey()], reserve=RETRIEVAL_TOKENS)
+    stop = [runner.model.generation_config.eos_token_id]
+    found = {}
+    for name, settings in (("full", None), ("squeeze", squeeze)):
+        generate = tasks.squeeze_cache_generator(runner.model, policy, settings, RETRIEVAL_TOKENS)
+        found[name] = sum(o.all_found for o in tasks.run(trials, generate, tokenizer, stop).outcomes)
+    runner.model.set_attn_implementation("sdpa")
+    depths = ", ".join(f"{t.meta['depth']:g}" for t in trials)
+    print(f"## Retrieval: a 5-digit pass key hidden in Botchan, {args.prompt_len}-token prompts, key at depths "
+          f"{depths}, exact match (research.tasks; `python -m research.tasks` for the suite)")
+    print(f"found: full cache {found['full']}/{len(trials)}, squeeze ({policy.describe()}, b_init {args.budget:g}, "
+          f"p {args.p:g}) {found['squeeze']}/{len(trials)}\n")
 
 
 if __name__ == "__main__":

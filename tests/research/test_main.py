@@ -11,10 +11,12 @@ def test_main_job_prints_its_report(smollm2, monkeypatch, capsys):
     from research import evaluation, main
 
     monkeypatch.setattr(evaluation, "load_smollm2", lambda device="cpu", dtype=None: smollm2)
-    args = ["--prompt-len", "160", "--gen-len", "6", "--greedy", "4", "--threads", "0", "--device", "cpu"]
+    args = ["--prompt-len", "160", "--gen-len", "6", "--greedy", "4", "--retrieval-trials", "1", "--threads", "0",
+            "--device", "cpu"]
     assert main.main(args) == 0
     out = capsys.readouterr().out
     for heading in ("## Layer profile", "## KV memory", "## Greedy continuation, 4 tokens", "## Quality",
+                    "## Retrieval", "found: full cache ",
                     "Claim 1:", "Claim 2:", "## The allocators the held-out evaluation recommends"):
         assert heading in out, heading
     table = out.split("## The allocators the held-out evaluation recommends")[1].splitlines()
