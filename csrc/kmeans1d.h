@@ -156,7 +156,7 @@ SQZ_HD float centroid(const Prefix& P, const int16_t* bounds, int g, double shif
   return static_cast<float>(shift + (P.sum[j] - P.sum[i]) / static_cast<double>(P.count[j] - P.count[i]));
 }
 
-// The authors' reallocation (ALGORITHM.md section 4) for one layer: the top group (top_count
+// The authors' reallocation (docs/METHOD.md#budgets) for one layer: the top group (top_count
 // layers of L) gets floor(p * base), every other layer floor(base * (L - p*|G|) / (L - |G|)),
 // so the total is conserved up to the floors. Uniform floor(base) when the top group is empty
 // or holds every layer. Then max(min_budget, .), saturated to int32 (NaN -> min_budget), and

@@ -1,6 +1,7 @@
-"""The quality table of EVAL.md: SmolLM2-135M on Botchan windows, teacher-forced through the
-library's ops, for the grid policy {window, streaming (4 sinks), h2o} x budget fraction
-{0.1, 0.2, 0.3, 0.5} x allocation {uniform (p = 1), squeeze p in {0.3, 0.5, 0.7}}.
+"""The quality grid (docs/EVALUATION.md#quality-grid): SmolLM2-135M on Botchan windows,
+teacher-forced through the library's ops, for the grid policy {window, streaming (4 sinks),
+h2o} x budget fraction {0.1, 0.2, 0.3, 0.5} x allocation {uniform (p = 1), squeeze p in
+{0.3, 0.5, 0.7}}.
 
     python -m research.quality [--windows 8] [--prompt-len 1024] [--gen-len 128]
 
@@ -65,7 +66,8 @@ def main(argv=None):
         f"Command: `python -m research.quality --windows {args.windows} --prompt-len {args.prompt_len} "
         f"--gen-len {args.gen_len} --text {args.text} --threads {args.threads}`",
         "",
-        f"Protocol (EVAL.md): {args.text} ({len(ids)} tokens), {args.windows} windows at evenly spread offsets, "
+        f"Protocol (docs/EVALUATION.md): {args.text} ({len(ids)} tokens), "
+        f"{args.windows} windows at evenly spread offsets, "
         f"each a prompt of {args.prompt_len} tokens then {args.gen_len} teacher-forced tokens. Full-attention "
         "prefill through prefill_attention + add_rmsnorm_cossim (per-layer similarity), plan_budgets "
         "(BASE = prompt length, k = 3, no cap), compress_kv_ per layer, then one decode_step_ per layer "

@@ -1,6 +1,6 @@
 // CPU kernels of add_rmsnorm_cossim and add_cossim (the attention epilogue that measures layer
-// importance, docs/METHOD.md section 2). Tokens in parallel, one pass over each row; the per-token
-// cosines are then summed per sequence in a fixed order (deterministic).
+// importance, docs/METHOD.md#layer-importance). Tokens in parallel, one pass over each row; the
+// per-token cosines are then summed per sequence in a fixed order (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

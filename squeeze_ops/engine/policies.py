@@ -81,7 +81,7 @@ class SequencePolicy:
 
     @property
     def min_budget(self):
-        """Smallest per-layer budget the policy works with (docs/METHOD.md): a window needs one
+        """Smallest per-layer budget the policy works with (docs/METHOD.md#budgets): a window needs one
         token, StreamingLLM its sinks plus one, H2O one heavy + one recent."""
         return {"window": 1, "streaming": self.sinks + 1, "h2o": max(2, self.sinks + 1)}[self.kind]
 
@@ -97,7 +97,7 @@ class SequencePolicy:
 
 @dataclass(frozen=True)
 class SqueezeSettings:
-    """How one request's KV budget is spread over its layers (docs/METHOD.md section 4).
+    """How one request's KV budget is spread over its layers (docs/METHOD.md#budgets).
 
     b_init:      the base budget per layer as a fraction of the prompt length T (BASE = T), or
     base_tokens: the base budget per layer in tokens (b_init * BASE given directly).

@@ -34,7 +34,8 @@ def test_plan_from_prefill_sums():
 
 
 def test_worked_example_from_b_init():
-    """ALGORITHM.md: b_init = 0.21, p = 0.381, BASE = prompt length 8000, |G3| = 20."""
+    """The worked example of docs/METHOD.md#budgets: b_init = 0.21, p = 0.381, BASE = prompt length
+    8000, |G3| = 20."""
     sim = torch.cat([0.6 + 0.01 * torch.rand(4), 0.8 + 0.01 * torch.rand(8), 0.97 + 0.01 * torch.rand(20)])
     cos_sum = (sim * 8000)[:, None]  # [L = 32, B = 1]
     plan = plan_budgets(cos_sum, torch.tensor([8000], dtype=torch.int32), b_init=0.21, p=0.381)

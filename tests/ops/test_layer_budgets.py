@@ -74,8 +74,8 @@ def test_only_the_top_group_is_squeezed():
 
 
 def test_worked_example_of_the_paper():
-    """ALGORITHM.md: L = 32, b_init = 0.21, p = 0.381, BASE = 8000, |G3| = 20 -> 3413 tokens to
-    12 layers and 640 to 20 layers."""
+    """The worked example of docs/METHOD.md#budgets: L = 32, b_init = 0.21, p = 0.381, BASE = 8000,
+    |G3| = 20 -> 3413 tokens to 12 layers and 640 to 20 layers."""
     sim = torch.cat([0.60 + 0.01 * torch.rand(4), 0.80 + 0.01 * torch.rand(8), 0.97 + 0.01 * torch.rand(20)])[None]
     budgets, labels, _ = budgets_of(sim, torch.tensor([0.21 * 8000]), 0.381)
     assert int((labels == 2).sum()) == 20

@@ -17,7 +17,7 @@ from .base import Allocator, check_spread, conserve, on_device, reported_groups
 
 @dataclass(frozen=True)
 class Squeeze(Allocator):
-    """SqueezeAttention (docs/METHOD.md): 1-D K-Means of the similarity into k groups; the most
+    """SqueezeAttention (docs/METHOD.md#budgets): 1-D K-Means of the similarity into k groups; the most
     similar group G keeps floor(p * base), every other layer floor(base * (L - p|G|) / (L - |G|)),
     so the total L * base is kept up to the floors; no cap, so budget above what a layer can
     hold is wasted (the diagnostics say so). p = 1 is the uniform baseline."""
