@@ -81,9 +81,11 @@ def environment(device):
     return env
 
 
-def save_markdown(name, text):
-    """Write text as bench/results/<name>.md and, when $OUT is set, $OUT/<name>.md. Returns text."""
-    dirs = [os.path.join(os.path.dirname(__file__), "results")] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
+def save_markdown(name, text, folder=None):
+    """Write text as <folder>/<name>.md (default bench/results) and, when $OUT is set,
+    $OUT/<name>.md. Returns text."""
+    folder = folder or os.path.join(os.path.dirname(__file__), "results")
+    dirs = [folder] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
     for d in dirs:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"{name}.md"), "w") as f:

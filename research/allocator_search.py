@@ -562,7 +562,7 @@ def main(argv=None):
                          + f"; {len(positive)} of {len(flat)} heads above 0, the 10 largest hold "
                          f"{100 * sum(positive[:10]) / max(sum(positive), 1e-30):.0f}% of the positive gain")
     lines.append("")
-    print(save_markdown(args.name, "\n".join(lines)))
+    print(save_markdown(args.name, "\n".join(lines), ev.RESULTS_DIR))
     return 0
 
 

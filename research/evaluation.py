@@ -45,6 +45,7 @@ POLICIES = {
 FRACTIONS = MEASURED_FRACTIONS
 SQUEEZE_P = (0.3, 0.5, 0.7)
 PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")  # the study's calibration files
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the research jobs' reports
 
 
 class ModelUnavailable(RuntimeError):

@@ -40,7 +40,7 @@ from squeeze_ops.engine.signals import perturbation_knots
 
 from . import evaluation as ev
 
-from .allocator_search import MODEL_NAME, OBSERVE, PROFILE_DIR, mean_se
+from .allocator_search import MODEL_NAME, OBSERVE, PRESET_DIR, mean_se
 
 SWAPS = (2, 4, 8)
 
@@ -192,7 +192,7 @@ def main(argv=None):
     # The tuning part of the book (research.allocator_search tunes on the same two thirds).
     windows = ev.windows(botchan[len(botchan) // 3 :], P, G, args.windows)
     policy = ev.POLICIES[args.policy]
-    gains_file = os.path.join(PROFILE_DIR, f"{MODEL_NAME}.{args.policy}.gains.json")
+    gains_file = os.path.join(PRESET_DIR, f"{MODEL_NAME}.{args.policy}.gains.json")
     gains = LayerGains.load(gains_file) if os.path.exists(gains_file) else None
     folder = os.path.join(args.data_dir, "allocator_headroom")
 
@@ -259,7 +259,7 @@ def main(argv=None):
         + (f"; times the layer gains of {os.path.basename(gains_file)}" if gains is not None else "")
         + ". 1 - similarity: the SimilarityWeighted allocator's signal, for both.", "",
         "## Results", "", *sections])
-    print(save_markdown(args.name, text))
+    print(save_markdown(args.name, text, ev.RESULTS_DIR))
     return 0
 
 

@@ -102,7 +102,7 @@ def main(argv=None):
         "important group (G3, squeezed by p) is most of the model whenever only a few layers stand out.",
         "",
     ]
-    print(save_markdown(args.name, "\n".join(lines)))
+    print(save_markdown(args.name, "\n".join(lines), ev.RESULTS_DIR))
     return 0
 
 

@@ -1,7 +1,7 @@
 """The readable specification: every op in plain PyTorch, computed in float32/float64.
 
 Kernels are tested against these functions; they follow the SqueezeAttention paper
-(arXiv 2404.04793) and the H2O / StreamingLLM policies as described in the README.
+(arXiv 2404.04793) and the H2O / StreamingLLM policies as docs/METHOD.md describes them.
 """
 import torch
 

@@ -290,7 +290,7 @@ inline int64_t recent_count(int64_t budget, double recent_ratio) {
   return static_cast<int64_t>(std::floor(static_cast<double>(budget) * recent_ratio));
 }
 
-// The eviction victim among the first n slots (the one rule of the library, see README):
+// The eviction victim among the first n slots (the one rule of the library, docs/METHOD.md#eviction):
 //   window: the smallest position; streaming: the smallest position >= sinks;
 //   h2o: among slots neither sink (position < sinks) nor recent (position > max position - recent),
 //        the lowest score (NaN counts as -inf), ties -> the smallest position.

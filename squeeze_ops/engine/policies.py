@@ -23,7 +23,7 @@ NO_SCORES = -1
 
 @dataclass(frozen=True)
 class SequencePolicy:
-    """Token-eviction rule of every layer cache (README "Sequence policies").
+    """Token-eviction rule of every layer cache (docs/METHOD.md#sequence-policies).
 
     kind:          "window" (newest tokens), "streaming" (first `sinks` + newest) or "h2o"
                    (`sinks` + the newest floor(budget * recent_ratio) + highest scores).
