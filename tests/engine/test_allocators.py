@@ -9,20 +9,9 @@ from squeeze_ops.engine.allocators import Allocator, Fixed, SimilarityWeighted, 
 from squeeze_ops.engine.cache import PrefillRecord, SqueezeKVCache
 from squeeze_ops.engine.planner import allocate, diagnose
 from squeeze_ops.engine.policies import PrefillNeeds, SequencePolicy, SqueezeSettings
+from tests.allocator_cases import spiky_similarity, sums
 
 L = 12
-
-
-def spiky_similarity(B, L=L, low=(0, 1, L - 3)):
-    """The shape measured on SmolLM2: most layers ~0.98-0.99, a few clearly lower."""
-    sim = 0.98 + 0.01 * torch.rand(B, L)
-    sim[:, list(low)] = torch.tensor([0.6, 0.8, 0.9])[: len(low)]
-    return sim
-
-
-def sums(sim, lens):
-    """cos_sum [L, B] of a similarity [B, L] over prompts of lens tokens."""
-    return (sim * lens[:, None].float()).t().contiguous()
 
 
 REDISTRIBUTING = [SimilarityWeighted(1.0, 0.25, 4.0), SimilarityWeighted(2.0, 0.0, 8.0)]

@@ -14,6 +14,7 @@ from squeeze_ops.engine.allocators import Coverage, SensitivityProfile, Uniform,
 from squeeze_ops.engine.cache import PrefillRecord, SqueezeKVCache
 from squeeze_ops.engine.planner import allocate
 from squeeze_ops.engine.signals import observed_attention, pad_observed
+from tests.allocator_cases import in_context
 from squeeze_ops.engine.policies import PrefillNeeds, SequencePolicy, SqueezeSettings, prefill_needs
 
 L, HKV = 6, 2
@@ -184,18 +185,6 @@ def test_pad_observed_lays_out_each_prompt_and_zeros_the_rest():
 
 
 # ---- in-context sensitivity profiles (the calibration file format) ----
-
-def in_context(c, important, L=L):
-    """A profile measured around c: cutting `important` to c/4 costs a lot, raising it gains.
-    (calibration.fit_gains reads such profiles; research/allocators.Calibrated allocates by them.)"""
-    fractions = (0.25 * c, 0.5 * c, c, 1.75 * c)
-    rows = []
-    for m in (0.25, 0.5, 1.0, 1.75):
-        row = [0.002 * (1 - m)] * L
-        row[important] = 0.2 * (1 - m) if m < 1 else -0.05 * (m - 1)
-        rows.append(tuple(row))
-    return SensitivityProfile("m", L, "streaming(4 sinks)", fractions, tuple(rows), "test", context=c)
-
 
 def test_in_context_profile_round_trips_and_old_files_read_as_isolated(tmp_path):
     prof = in_context(0.2, 3)

@@ -10,20 +10,9 @@ import torch
 from research.allocators import Calibrated, ClampedSqueeze, Pyramid
 from squeeze_ops.engine.allocators import SensitivityProfile, Squeeze
 from squeeze_ops.engine.planner import allocate
+from tests.allocator_cases import in_context, spiky_similarity, sums
 
 L = 12
-
-
-def spiky_similarity(B, L=L, low=(0, 1, L - 3)):
-    """The shape measured on SmolLM2: most layers ~0.98-0.99, a few clearly lower."""
-    sim = 0.98 + 0.01 * torch.rand(B, L)
-    sim[:, list(low)] = torch.tensor([0.6, 0.8, 0.9])[: len(low)]
-    return sim
-
-
-def sums(sim, lens):
-    """cos_sum [L, B] of a similarity [B, L] over prompts of lens tokens."""
-    return (sim * lens[:, None].float()).t().contiguous()
 
 
 def profile(L=L, seed=1):
@@ -167,17 +156,6 @@ def test_calibrated_refuses_another_model():
     lens = torch.tensor([50])
     with pytest.raises(ValueError, match="profile"):
         allocate(sums(spiky_similarity(1), lens), lens, Calibrated(profile(L=L + 1)), b_init=0.2)
-
-
-def in_context(c, important, L=6):
-    """A profile of L layers measured around c: cutting `important` to c/4 costs a lot, raising it gains."""
-    fractions = (0.25 * c, 0.5 * c, c, 1.75 * c)
-    rows = []
-    for m in (0.25, 0.5, 1.0, 1.75):
-        row = [0.002 * (1 - m)] * L
-        row[important] = 0.2 * (1 - m) if m < 1 else -0.05 * (m - 1)
-        rows.append(tuple(row))
-    return SensitivityProfile("m", L, "streaming(4 sinks)", fractions, tuple(rows), "test", context=c)
 
 
 def test_calibrated_uses_the_profile_nearest_each_sequence_budget():

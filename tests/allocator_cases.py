@@ -1,0 +1,31 @@
+"""Inputs shared by the allocator tests of the engine and of the research allocators."""
+import torch
+
+from squeeze_ops.engine.allocators import SensitivityProfile
+
+
+def spiky_similarity(B, L=12, low=None):
+    """The shape measured on SmolLM2: most layers ~0.98-0.99, a few (default 0, 1, L - 3)
+    clearly lower. fp32 [B, L]."""
+    low = (0, 1, L - 3) if low is None else low
+    sim = 0.98 + 0.01 * torch.rand(B, L)
+    sim[:, list(low)] = torch.tensor([0.6, 0.8, 0.9])[: len(low)]
+    return sim
+
+
+def sums(sim, lens):
+    """cos_sum [L, B] of a similarity [B, L] over prompts of lens tokens."""
+    return (sim * lens[:, None].float()).t().contiguous()
+
+
+def in_context(c, important, L=6):
+    """A profile of L layers measured around c: cutting `important` to c/4 costs a lot, raising
+    it gains (calibration.fit_gains reads such profiles; research.allocators.Calibrated
+    allocates by them)."""
+    fractions = (0.25 * c, 0.5 * c, c, 1.75 * c)
+    rows = []
+    for m in (0.25, 0.5, 1.0, 1.75):
+        row = [0.002 * (1 - m)] * L
+        row[important] = 0.2 * (1 - m) if m < 1 else -0.05 * (m - 1)
+        rows.append(tuple(row))
+    return SensitivityProfile("m", L, "streaming(4 sinks)", fractions, tuple(rows), "test", context=c)
