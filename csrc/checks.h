@@ -18,8 +18,9 @@
 
 namespace squeeze {
 
-inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name) {
-  TORCH_CHECK(t.scalar_type() == want, name, ": expected dtype ", c10::toString(want), ", got ",
+// `what` (optional) says where an expected dtype or size comes from, e.g. " (that of k_pages)".
+inline void check_dtype(const at::Tensor& t, at::ScalarType want, const char* name, const char* what = "") {
+  TORCH_CHECK(t.scalar_type() == want, name, ": expected dtype ", c10::toString(want), what, ", got ",
               c10::toString(t.scalar_type()));
 }
 
@@ -27,8 +28,8 @@ inline void check_rank(const at::Tensor& t, int64_t rank, const char* name) {
   TORCH_CHECK(t.dim() == rank, name, ": expected a ", rank, "-d tensor, got shape ", t.sizes());
 }
 
-inline void check_size(const at::Tensor& t, int64_t dim, int64_t want, const char* name) {
-  TORCH_CHECK(t.size(dim) == want, name, ": expected size ", want, " in dim ", dim, ", got shape ", t.sizes());
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t want, const char* name, const char* what = "") {
+  TORCH_CHECK(t.size(dim) == want, name, ": expected size ", want, " in dim ", dim, what, ", got shape ", t.sizes());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name,
@@ -53,12 +54,12 @@ inline void check_float_kv(const at::Tensor& t, const char* name) {
 }
 
 // An int32 contiguous index tensor (lengths, budgets, positions, offsets, page ids) of the given
-// shape on ref's device.
+// shape (`what`: where it comes from) on ref's device.
 inline void check_index(const at::Tensor& t, at::IntArrayRef shape, const char* name, const at::Tensor& ref,
-                        const char* ref_name) {
+                        const char* ref_name, const char* what = "") {
   check_rank(t, static_cast<int64_t>(shape.size()), name);
   check_dtype(t, at::kInt, name);
-  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == shape, name, ": expected shape ", shape, what, ", got ", t.sizes());
   check_same_device(t, ref, name, ref_name);
   check_contiguous(t, name);
 }

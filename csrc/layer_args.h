@@ -28,7 +28,7 @@ inline void check_layer_budgets_args(const at::Tensor& sim, const at::Tensor& ba
   check_kmeans_args(sim, k, "sim");
   check_dtype(base, at::kFloat, "base");
   check_rank(base, 1, "base");
-  check_size(base, 0, sim.size(0), "base");
+  check_size(base, 0, sim.size(0), "base", " (one per row of sim)");
   check_same_device(base, sim, "base", "sim");
   TORCH_CHECK(p > 0.0 && std::isfinite(p), "p: expected a finite p > 0, got ", p);
   TORCH_CHECK(min_budget >= 0, "min_budget: expected >= 0, got ", min_budget);
@@ -37,7 +37,7 @@ inline void check_layer_budgets_args(const at::Tensor& sim, const at::Tensor& ba
     const at::Tensor& mb = *max_budget;
     check_dtype(mb, at::kInt, "max_budget");
     check_rank(mb, 1, "max_budget");
-    check_size(mb, 0, sim.size(0), "max_budget");
+    check_size(mb, 0, sim.size(0), "max_budget", " (one per row of sim)");
     check_same_device(mb, sim, "max_budget", "sim");
   }
   if (value_checks_enabled(sim)) {

@@ -61,9 +61,10 @@ def check(cond, msg):
         raise ValueError(msg() if callable(msg) else msg)
 
 
-def check_dtype(t, dtypes, name):
+def check_dtype(t, dtypes, name, what=""):
+    """what: where the expected dtype comes from, e.g. " (that of k_pages)"."""
     dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
-    check(t.dtype in dtypes, lambda: f"{name}: expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    check(t.dtype in dtypes, lambda: f"{name}: expected dtype {' or '.join(map(str, dtypes))}{what}, got {t.dtype}")
 
 
 def check_rank(t, rank, name):
@@ -101,12 +102,12 @@ def check_policy_args(policy, sinks, recent_ratio):
     check(0.0 <= recent_ratio <= 1.0, lambda: f"recent_ratio: expected a value in [0, 1], got {recent_ratio}")
 
 
-def check_index(t, shape, name, ref, ref_name):
+def check_index(t, shape, name, ref, ref_name, what=""):
     """An int32 contiguous index tensor (lengths, budgets, positions, offsets, page ids) of the
-    given shape on ref's device."""
+    given shape (what: where it comes from) on ref's device."""
     check_rank(t, len(shape), name)
     check_dtype(t, torch.int32, name)
-    check_shape(t, shape, name)
+    check_shape(t, shape, name, what)
     check_device(t, ref, name, ref_name)
     check_contiguous(t, name)
 
@@ -207,7 +208,8 @@ def _first(mask, t):
 
 
 def check_block_table_values(block_table, num_pages):
-    """Page ids in [-1, P) (-1: no page), and no page given to two rows of the call."""
+    """Page ids in [-1, P) (-1: no page), and no page listed twice in the call: by two rows, or
+    by two entries of one row (its slots would overlap)."""
     table = block_table.cpu()
     bad = (table < -1) | (table >= num_pages)
     if bool(bad.any()):
@@ -219,8 +221,8 @@ def check_block_table_values(block_table, num_pages):
     if bool((counts > 1).any()):
         page = int(unique[counts > 1][0])
         rows = (table == page).nonzero()[:2, :2].tolist()
-        check(False, f"block_table: page {page} is given to more than one row (rows {rows[0]} and {rows[1]}, as "
-              f"[sequence, KV head]); a page belongs to one row")
+        check(False, f"block_table: page {page} is listed twice (by rows {rows[0]} and {rows[1]}, as "
+              f"[sequence, KV head]); a page belongs to one row, at one entry")
 
 
 def check_paged_values(capacity, lens, *, append=False, budget=None, pos=None, block_table=None, num_pages=None):
@@ -236,7 +238,7 @@ def check_paged_values(capacity, lens, *, append=False, budget=None, pos=None, b
     if append and bool((lens_h >= capacity).any()):
         where, value = _first(lens_h >= capacity, lens_h)
         check(False, f"lens: capacity overflow: row {where} already holds {value} tokens, the capacity C = "
-              f"{capacity} of a row, so no slot is left to append to")
+              f"{capacity} of a row (block_table width x page size), so no slot is left to append to")
     if budget is not None:
         budget_h = budget.cpu()
         for bad, what in ((budget_h < 0, "expected non-negative budgets"),
@@ -261,13 +263,13 @@ def _check_epilogue(residual, attn_out, cu_seqlens, cos_sum, weight=None):
     check_dtype(residual, FLOAT_KV, "residual")
     check_rank(residual, 2, "residual")
     check_last_contiguous(residual, "residual")
-    check_dtype(attn_out, residual.dtype, "attn_out")
+    check_dtype(attn_out, residual.dtype, "attn_out", " (that of residual)")
     check_shape(attn_out, residual.shape, "attn_out", " (that of residual)")
     check_last_contiguous(attn_out, "attn_out")
     check_device(attn_out, residual, "attn_out", "residual")
     if weight is not None:
         check_dtype(weight, FLOAT_KV, "weight")
-        check_shape(weight, (residual.shape[1],), "weight")
+        check_shape(weight, (residual.shape[1],), "weight", " (the width of residual)")
         check_device(weight, residual, "weight", "residual")
     check_cu_seqlens(cu_seqlens, residual, "residual")
     check_dtype(cos_sum, torch.float32, "cos_sum")
@@ -309,13 +311,13 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
     _check_kmeans(sim, k, "sim")
     B = sim.shape[0]
     check_dtype(base, torch.float32, "base")
-    check_shape(base, (B,), "base")
+    check_shape(base, (B,), "base", " (one per row of sim)")
     check_device(base, sim, "base", "sim")
     check(p > 0 and math.isfinite(p), lambda: f"p: expected a finite p > 0, got {p}")
     check(0 <= min_budget <= 2**31 - 1, lambda: f"min_budget: expected 0 <= min_budget < 2**31, got {min_budget}")
     if max_budget is not None:
         check_dtype(max_budget, torch.int32, "max_budget")
-        check_shape(max_budget, (B,), "max_budget")
+        check_shape(max_budget, (B,), "max_budget", " (one per row of sim)")
         check_device(max_budget, sim, "max_budget", "sim")
     budgets = sim.new_empty(sim.shape, dtype=torch.int32)
     return budgets, sim.new_empty(sim.shape, dtype=torch.int32), sim.new_empty((B, k))
@@ -342,7 +344,8 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries):
     check_shape(v, k.shape, "v", " (that of k)")
     check(k.shape[0] == T, lambda: f"k: expected {T} tokens (those of q), got shape {tuple(k.shape)}")
     check(k.shape[2] == D, lambda: f"k: expected head dim {D} (that of q), got shape {tuple(k.shape)}")
-    check(Hkv > 0 and H % Hkv == 0, lambda: f"k: the number of KV heads ({Hkv}) must divide the query heads ({H})")
+    check(Hkv > 0 and H % Hkv == 0,
+          lambda: f"k: the number of KV heads ({Hkv}) must divide the number of query heads of q ({H})")
     check_cu_seqlens(cu_seqlens, q, "q")
     check(max_seqlen >= 0, lambda: f"max_seqlen: expected >= 0, got {max_seqlen}")
     check_scale(scale)
@@ -363,7 +366,7 @@ def check_pool(k_pages, v_pages, pos_pages=None, score_pages=None):
     check_dtype(k_pages, FLOAT_KV, "k_pages")
     check_last_contiguous(k_pages, "k_pages")
     check_shape(v_pages, k_pages.shape, "v_pages", " (that of k_pages)")
-    check_dtype(v_pages, k_pages.dtype, "v_pages")
+    check_dtype(v_pages, k_pages.dtype, "v_pages", " (that of k_pages)")
     check_device(v_pages, k_pages, "v_pages", "k_pages")
     check_last_contiguous(v_pages, "v_pages")
     P, S, D = k_pages.shape
@@ -387,7 +390,7 @@ def check_rows(block_table, lens, k_pages):
     check_contiguous(block_table, "block_table")
     B, Hkv, M = block_table.shape
     check(Hkv > 0, lambda: f"block_table: expected at least one KV head, got shape {tuple(block_table.shape)}")
-    check_index(lens, (B, Hkv), "lens", k_pages, "k_pages")
+    check_index(lens, (B, Hkv), "lens", k_pages, "k_pages", " (the rows of block_table)")
     return B, Hkv, M
 
 
@@ -398,7 +401,7 @@ def _check_query(q, B, Hkv, D, k_pages):
           f"and the head dim of k_pages), got {tuple(q.shape)}")
     check(q.shape[1] > 0 and q.shape[1] % Hkv == 0, lambda: f"q: the number of query heads ({q.shape[1]}) must be "
           f"a positive multiple of the number of KV heads ({Hkv})")
-    check_dtype(q, k_pages.dtype, "q")
+    check_dtype(q, k_pages.dtype, "q", " (that of k_pages)")
     check_device(q, k_pages, "q", "k_pages")
     check_last_contiguous(q, "q")
 
@@ -407,11 +410,11 @@ def _check_new_token(k_new, v_new, pos, B, Hkv, D, k_pages):
     """k_new, v_new [B, Hkv, D] in the pool's dtype, pos int32 [B]."""
     for t, name in ((k_new, "k_new"), (v_new, "v_new")):
         check_rank(t, 3, name)
-        check_shape(t, (B, Hkv, D), name)
-        check_dtype(t, k_pages.dtype, name)
+        check_shape(t, (B, Hkv, D), name, " (the rows of block_table and the head dim of k_pages)")
+        check_dtype(t, k_pages.dtype, name, " (that of k_pages)")
         check_device(t, k_pages, name, "k_pages")
         check_last_contiguous(t, name)
-    check_index(pos, (B,), "pos", k_pages, "k_pages")
+    check_index(pos, (B,), "pos", k_pages, "k_pages", " (the sequences of block_table)")
 
 
 def _cache_args(k_pages, v_pages, pos_pages, score_pages, block_table, lens):
@@ -441,7 +444,7 @@ def cache_append_(k_pages, v_pages, pos_pages, score_pages, block_table, lens, k
 
 def cache_evict_(k_pages, v_pages, pos_pages, score_pages, block_table, lens, budget, policy, sinks, recent_ratio):
     B, Hkv, _, _ = _cache_args(k_pages, v_pages, pos_pages, score_pages, block_table, lens)
-    check_index(budget, (B, Hkv), "budget", k_pages, "k_pages")
+    check_index(budget, (B, Hkv), "budget", k_pages, "k_pages", " (the rows of block_table)")
     check_policy_args(policy, sinks, recent_ratio)
     check_written(list(zip((k_pages, v_pages, pos_pages, score_pages, lens), _POOL_NAMES + ("lens",))),
                   [(block_table, "block_table"), (budget, "budget")])
@@ -452,7 +455,7 @@ def decode_step_(q, k_new, v_new, pos, k_pages, v_pages, pos_pages, score_pages,
     B, Hkv, _, D = _cache_args(k_pages, v_pages, pos_pages, score_pages, block_table, lens)
     _check_query(q, B, Hkv, D, k_pages)
     _check_new_token(k_new, v_new, pos, B, Hkv, D, k_pages)
-    check_index(budget, (B, Hkv), "budget", k_pages, "k_pages")
+    check_index(budget, (B, Hkv), "budget", k_pages, "k_pages", " (the rows of block_table)")
     check_scale(scale)
     check_policy_args(policy, sinks, recent_ratio)
     check_written(list(zip((k_pages, v_pages, pos_pages, score_pages, lens), _POOL_NAMES + ("lens",))),
@@ -493,7 +496,7 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio, 
     check(block_table.dim() == 3 and block_table.shape[:2] == (B, Hkv), lambda: f"block_table: expected shape "
           f"({B}, {Hkv}, M) (the sequences of cu_seqlens and the KV heads of k), got {tuple(block_table.shape)}")
     check_rows(block_table, lens, k_pages)
-    check_index(budget, (B, Hkv), "budget", k, "k")
+    check_index(budget, (B, Hkv), "budget", k, "k", " (the sequences of cu_seqlens and the KV heads of k)")
     check_written(list(zip((k_pages, v_pages, pos_pages, score_pages, lens), _POOL_NAMES + ("lens",))),
                   [(k, "k"), (v, "v"), (scores, "scores"), (cu_seqlens, "cu_seqlens"), (budget, "budget"),
                    (block_table, "block_table")])

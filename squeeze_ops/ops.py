@@ -10,7 +10,7 @@ C = M * S) and a length. The decode ops take one layer's rows of B sequences:
 block_table int32 [B, Hkv, M], lens int32 [B, Hkv], budget int32 [B, Hkv]. A page id outside
 [0, P) (conventionally -1) is no page: its slots read as empty and writes to them are dropped;
 value checks (on CPU, and on the GPU under SQUEEZE_DEBUG=1) refuse ids other than -1 outside
-the pool and a page given to two rows.
+the pool and a page listed twice (by two rows, or by two entries of one row).
 """
 import torch
 
@@ -187,7 +187,9 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, k_pages, v_pages, pos
         selection score (0 without scores); later slots (up to C) position -1 and score 0,
         their K/V left as they were; lens int32 [B, Hkv] = min(seq_len, budget).
     """
-    B, Hkv = cu_seqlens.shape[0] - 1, k.shape[1]
+    # Of arguments the op refuses (a k or cu_seqlens of another rank), only that it refuses them.
+    B = cu_seqlens.shape[0] - 1 if cu_seqlens.dim() == 1 else 0
+    Hkv = k.shape[1] if k.dim() == 3 else 0
     if scores is None:
         scores = k.new_empty(0, Hkv, dtype=torch.float32)
     if isinstance(budget, int):

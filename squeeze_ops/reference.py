@@ -6,7 +6,6 @@ Kernels are tested against these functions; they follow the SqueezeAttention pap
 import torch
 
 # ---- layer dimension ----
-import math  # noqa: E402
 
 # Cosine of a zero vector: norms are clamped to COS_EPS (the convention of
 # torch.nn.functional.cosine_similarity), so cos(0, v) = 0.
@@ -117,16 +116,17 @@ def layer_budgets(sim, base, p, k, min_budget, max_budget):
     for b in range(B):
         in_top = labels[b] == k - 1
         top = int(in_top.sum())
-        base_b = float(base[b])
+        base_b = base[b].double()
         if top in (0, L):
-            squeezed = other = math.floor(base_b)
+            squeezed = other = base_b.floor()
         else:
-            squeezed = math.floor(p * base_b)
-            other = math.floor(base_b * (L - p * top) / (L - top))
-        row = torch.where(in_top, squeezed, other).clamp_min(min_budget)
+            squeezed = (p * base_b).floor()
+            other = (base_b * (L - p * top) / (L - top)).floor()
+        # int32 budgets: a formula past 2**31 - 1 (a huge p or base) saturates there.
+        row = torch.where(in_top, squeezed, other).clamp(min_budget, 2**31 - 1)
         if max_budget is not None:
             row = row.clamp_max(int(max_budget[b]))
-        budgets[b] = row
+        budgets[b] = row.to(torch.int32)
     return budgets, labels, centroids
 
 # ---- prefill ----
@@ -168,7 +168,8 @@ def prefill_attention(q, k, v, cu_seqlens, max_seqlen, scale, score_queries):
         logits = scale * qs @ ks.transpose(1, 2)  # [H, query, key]
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         logits = logits.masked_fill(~causal, float("-inf"))
-        p = torch.softmax(logits, -1)
+        # Keys after a query get exactly 0, also when a NaN or Inf input poisons the query's row.
+        p = torch.softmax(logits, -1).masked_fill(~causal, 0.0)
         out[start:end] = (p @ vs).transpose(0, 1)
         lse[start:end] = torch.logsumexp(logits, -1).T
         if score_queries >= 0:
@@ -262,7 +263,7 @@ class Row:
         k = torch.where(on[:, None], self.k_pages[page, at].double().cpu(), zero) if n else zero
         v = torch.where(on[:, None], self.v_pages[page, at].double().cpu(), zero) if n else zero
         pos = torch.where(on, self.pos_pages[page, at].long().cpu(), -1) if n else j
-        score = torch.where(on, self.score_pages[page, at].double().cpu(), 0.0) if n else zero[:, 0]
+        score = torch.where(on, self.score_pages[page, at].double().cpu(), 0.0) if n else torch.zeros(0).double()
         return k, v, pos, score
 
     def read(self, j):

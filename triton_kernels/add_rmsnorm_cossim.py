@@ -24,7 +24,7 @@ _COS_EPS = tl.constexpr(1e-8)  # same convention as squeeze_ops.reference.COS_EP
 @triton.jit
 def _epilogue_kernel(
     res_ptr, attn_ptr, w_ptr, out_ptr, cu_ptr, cos_ptr,
-    T, D, B, stride_res, stride_attn, stride_out, stride_cos, eps,
+    T, D, B, stride_res, stride_attn, stride_w, stride_out, stride_cos, eps,
     NORM: tl.constexpr, COSSIM: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
@@ -44,7 +44,7 @@ def _epilogue_kernel(
     sq_new = tl.sum(new * new, axis=1)
 
     if NORM:
-        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols * stride_w, mask=cols < D, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(sq_new / D + eps)
         out = new * rstd[:, None] * w[None, :]
         tl.store(out_ptr + r64 * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -80,7 +80,7 @@ def _epilogue_kernel(
 def _config(d):
     """Tile of a program: all of a row (BLOCK_D), and several rows when rows are short so a
     program still moves a few KB; warps grow with the tile."""
-    block_d = triton.next_power_of_2(d)
+    block_d = triton.next_power_of_2(max(d, 1))  # d = 0: a row of no elements
     rows = max(1, min(16, 2048 // block_d))
     num_warps = min(16, max(4, rows * block_d // 512))
     return block_d, rows, num_warps
@@ -100,7 +100,8 @@ def launch(residual, attn_out, weight, cu_seqlens, cos_sum, eps, out, *, cossim=
     cossim = cossim and B > 0
     _epilogue_kernel[(triton.cdiv(T, rows),)](
         residual, attn_out, weight if norm else residual, out if norm else residual, cu_seqlens, cos_sum,
-        T, d, B, residual.stride(0), attn_out.stride(0), out.stride(0) if norm else 0, cos_sum.stride(0), eps,
+        T, d, B, residual.stride(0), attn_out.stride(0), weight.stride(0) if norm else 0, out.stride(0) if norm else 0,
+        cos_sum.stride(0), eps,
         NORM=norm, COSSIM=cossim, ROWS=rows, BLOCK_D=block_d, SEARCH_STEPS=max(B - 1, 0).bit_length(),
         num_warps=num_warps, enable_fp_fusion=FP_FUSION,
     )

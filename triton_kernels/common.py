@@ -339,7 +339,9 @@ def _combine_kernel(
         l_i = l_i * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o_s
         m_i = m_new
-    l_i = tl.where(l_i > 0, l_i, 1.0)  # lens 0: no split, the output is zeros
+    # lens 0: no split, the output is zeros. Decided by n, not by l_i, so that a NaN (a NaN or
+    # Inf among the inputs) reaches the output and the scores as it does on the CPU.
+    l_i = tl.where(n > 0, l_i, 1.0)
     tl.store(out_ptr + b * stride_ob + (h * G + offs_h)[:, None] * stride_oh + offs_d[None, :],
              (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=hd_mask)
 

@@ -196,7 +196,9 @@ def compress_kv_(k, v, scores, cu_seqlens, budget, policy, sinks, recent_ratio, 
     has_scores = scores.numel() > 0
     if has_scores and pool_size > 1:
         pooled = scores.new_empty(scores.shape)
-        _pool_kernel[(B, Hkv)](scores, pooled, cu_seqlens, T, RADIUS=pool_size // 2, MAX=pool_mode == "max",
+        # A radius past T - 1 reaches no further inside any sequence, and RADIUS unrolls a loop.
+        radius = min(pool_size // 2, max(T - 1, 0))
+        _pool_kernel[(B, Hkv)](scores, pooled, cu_seqlens, T, RADIUS=radius, MAX=pool_mode == "max",
                                HKV=Hkv, BLOCK=block_t, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         scores = pooled
     # R = floor(budget * recent_ratio) in float64, as the CPU kernel and the reference do

@@ -225,6 +225,9 @@ def launch(q, k, v, cu_seqlens, max_seqlen, scale, score_queries, attention_tile
     if _checks.value_checks_wanted(cu_seqlens):
         _checks.check_cu_seqlens_values(cu_seqlens, T, max_seqlen)
     B = cu_seqlens.shape[0] - 1
+    # No sequence holds more than the T tokens: a larger max_seqlen would only launch programs
+    # that find no rows (2**31 of them at max_seqlen = 2**31).
+    max_seqlen = min(max_seqlen, T)
     if q.numel() == 0 or B == 0 or max_seqlen == 0:
         return out, lse, scores
     qk_scale = scale * LOG2E.value

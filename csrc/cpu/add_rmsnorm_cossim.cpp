@@ -25,7 +25,7 @@ void check_epilogue_args(const at::Tensor& residual, const at::Tensor& attn_out,
   check_float_kv(residual, "residual");
   check_rank(residual, 2, "residual");
   check_last_contiguous(residual, "residual");
-  check_dtype(attn_out, residual.scalar_type(), "attn_out");
+  check_dtype(attn_out, residual.scalar_type(), "attn_out", " (that of residual)");
   TORCH_CHECK(attn_out.sizes() == residual.sizes(), "attn_out: expected shape ", residual.sizes(),
               " (that of residual), got ", attn_out.sizes());
   check_last_contiguous(attn_out, "attn_out");
@@ -33,14 +33,14 @@ void check_epilogue_args(const at::Tensor& residual, const at::Tensor& attn_out,
   if (weight.defined()) {
     check_float_kv(weight, "weight");
     check_rank(weight, 1, "weight");
-    check_size(weight, 0, residual.size(1), "weight");
+    check_size(weight, 0, residual.size(1), "weight", " (the width of residual)");
     check_same_device(weight, residual, "weight", "residual");
   }
   check_rank(cu_seqlens, 1, "cu_seqlens");
   TORCH_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens: expected B + 1 >= 1 entries, got shape ", cu_seqlens.sizes());
   check_dtype(cos_sum, at::kFloat, "cos_sum");
   check_rank(cos_sum, 1, "cos_sum");
-  check_size(cos_sum, 0, cu_seqlens.size(0) - 1, "cos_sum");
+  check_size(cos_sum, 0, cu_seqlens.size(0) - 1, "cos_sum", " (one per sequence of cu_seqlens)");
   check_same_device(cos_sum, residual, "cos_sum", "residual");
   check_written({{&residual, "residual"}, {&cos_sum, "cos_sum"}},
                 {{&attn_out, "attn_out"}, {&weight, "weight"}, {&cu_seqlens, "cu_seqlens"}});

@@ -47,7 +47,7 @@ void cache_evict_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const
                      const at::Tensor& score_pages, const at::Tensor& block_table, const at::Tensor& lens,
                      const at::Tensor& budget, c10::string_view policy, int64_t sinks, double recent_ratio) {
   const paged::Shape s = check_cache(k_pages, v_pages, pos_pages, score_pages, block_table, lens);
-  check_index(budget, {s.B, s.Hkv}, "budget", k_pages, "k_pages");
+  check_index(budget, {s.B, s.Hkv}, "budget", k_pages, "k_pages", " (the rows of block_table)");
   const Policy rule = check_policy_args(std::string(policy), sinks, recent_ratio);
   check_written({{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"},
                  {&score_pages, "score_pages"}, {&lens, "lens"}},

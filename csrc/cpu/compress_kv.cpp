@@ -87,7 +87,7 @@ void compress_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
   check_rank(cu_seqlens, 1, "cu_seqlens");
   TORCH_CHECK(cu_seqlens.size(0) >= 1, "cu_seqlens: expected B + 1 >= 1 entries, got 0");
   const int64_t B = cu_seqlens.size(0) - 1;
-  check_dtype(k_pages, k.scalar_type(), "k_pages");
+  check_dtype(k_pages, k.scalar_type(), "k_pages", " (that of k)");
   check_same_device(k_pages, k, "k_pages", "k");
   paged::Shape s = paged::check_pool(k_pages, v_pages, pos_pages, score_pages);
   TORCH_CHECK(s.D == D, "k_pages: expected head dim ", D, " (that of k), got shape ", k_pages.sizes());
@@ -95,7 +95,7 @@ void compress_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
               "block_table: expected shape (", B, ", ", Hkv, ", M) (the sequences of cu_seqlens and the KV heads of k), "
               "got ", block_table.sizes());
   paged::check_rows(block_table, lens, k_pages, s);
-  check_index(budget, {B, Hkv}, "budget", k, "k");
+  check_index(budget, {B, Hkv}, "budget", k, "k", " (the sequences of cu_seqlens and the KV heads of k)");
   check_written({{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"},
                  {&score_pages, "score_pages"}, {&lens, "lens"}},
                 {{&k, "k"}, {&v, "v"}, {&scores, "scores"}, {&cu_seqlens, "cu_seqlens"}, {&budget, "budget"},

@@ -20,7 +20,7 @@ at::Tensor decode_step_cpu(const at::Tensor& q, const at::Tensor& k_new, const a
   paged::check_rows(block_table, lens, k_pages, s);
   const int64_t H = paged::check_query(q, k_pages, s);
   paged::check_new_token(k_new, v_new, pos, k_pages, s);
-  check_index(budget, {s.B, s.Hkv}, "budget", k_pages, "k_pages");
+  check_index(budget, {s.B, s.Hkv}, "budget", k_pages, "k_pages", " (the rows of block_table)");
   check_scale(scale);
   const Policy rule = check_policy_args(std::string(policy), sinks, recent_ratio);
   check_written({{&k_pages, "k_pages"}, {&v_pages, "v_pages"}, {&pos_pages, "pos_pages"},

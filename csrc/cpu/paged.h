@@ -41,7 +41,7 @@ inline Shape check_pool(const at::Tensor& k_pages, const at::Tensor& v_pages, co
   check_last_contiguous(k_pages, "k_pages");
   TORCH_CHECK(v_pages.sizes() == k_pages.sizes(), "v_pages: expected shape ", k_pages.sizes(),
               " (that of k_pages), got ", v_pages.sizes());
-  check_dtype(v_pages, k_pages.scalar_type(), "v_pages");
+  check_dtype(v_pages, k_pages.scalar_type(), "v_pages", " (that of k_pages)");
   check_same_device(v_pages, k_pages, "v_pages", "k_pages");
   check_last_contiguous(v_pages, "v_pages");
   Shape s{k_pages.size(0), k_pages.size(1), k_pages.size(2), 0, 0, 0};
@@ -67,7 +67,7 @@ inline void check_rows(const at::Tensor& block_table, const at::Tensor& lens, co
   check_contiguous(block_table, "block_table");
   s.B = block_table.size(0), s.Hkv = block_table.size(1), s.M = block_table.size(2);
   TORCH_CHECK(s.Hkv > 0, "block_table: expected at least one KV head, got shape ", block_table.sizes());
-  check_index(lens, {s.B, s.Hkv}, "lens", k_pages, "k_pages");
+  check_index(lens, {s.B, s.Hkv}, "lens", k_pages, "k_pages", " (the rows of block_table)");
 }
 
 // q [B, H, D] in the pool's dtype, H a positive multiple of Hkv. Returns H.
@@ -77,7 +77,7 @@ inline int64_t check_query(const at::Tensor& q, const at::Tensor& k_pages, const
               "] (the rows of block_table and the head dim of k_pages), got ", q.sizes());
   TORCH_CHECK(q.size(1) > 0 && q.size(1) % s.Hkv == 0, "q: the number of query heads (", q.size(1),
               ") must be a positive multiple of the number of KV heads (", s.Hkv, ")");
-  check_dtype(q, k_pages.scalar_type(), "q");
+  check_dtype(q, k_pages.scalar_type(), "q", " (that of k_pages)");
   check_same_device(q, k_pages, "q", "k_pages");
   check_last_contiguous(q, "q");
   return q.size(1);
@@ -89,12 +89,12 @@ inline void check_new_token(const at::Tensor& k_new, const at::Tensor& v_new, co
   for (auto [t, name] : {std::pair{&k_new, "k_new"}, std::pair{&v_new, "v_new"}}) {
     check_rank(*t, 3, name);
     TORCH_CHECK(t->size(0) == s.B && t->size(1) == s.Hkv && t->size(2) == s.D, name, ": expected shape [", s.B,
-                ", ", s.Hkv, ", ", s.D, "], got ", t->sizes());
-    check_dtype(*t, k_pages.scalar_type(), name);
+                ", ", s.Hkv, ", ", s.D, "] (the rows of block_table and the head dim of k_pages), got ", t->sizes());
+    check_dtype(*t, k_pages.scalar_type(), name, " (that of k_pages)");
     check_same_device(*t, k_pages, name, "k_pages");
     check_last_contiguous(*t, name);
   }
-  check_index(pos, {s.B}, "pos", k_pages, "k_pages");
+  check_index(pos, {s.B}, "pos", k_pages, "k_pages", " (the sequences of block_table)");
 }
 
 // 0 <= lens <= C (< C when a token is about to be appended).
@@ -106,7 +106,8 @@ inline void check_lens_values(const at::Tensor& lens, const Shape& s, bool appen
     TORCH_CHECK(l[r] <= s.capacity(), "lens: lens[", b, ", ", g, "] = ", l[r], ": exceeds the capacity C = ",
                 s.capacity(), " of a row (block_table width x page size)");
     TORCH_CHECK(!append || l[r] < s.capacity(), "lens: capacity overflow: row [", b, ", ", g, "] already holds ",
-                l[r], " tokens, the capacity C = ", s.capacity(), " of a row, so no slot is left to append to");
+                l[r], " tokens, the capacity C = ", s.capacity(),
+                " of a row (block_table width x page size), so no slot is left to append to");
   }
 }
 
@@ -128,7 +129,8 @@ inline void check_pos_values(const at::Tensor& pos) {
     TORCH_CHECK(p[b] >= 0, "pos: expected non-negative token positions, got pos[", b, "] = ", p[b]);
 }
 
-// Page ids in [-1, P) (-1: no page), and no page given to two rows of the call.
+// Page ids in [-1, P) (-1: no page), and no page listed twice in the call: by two rows, or by two
+// entries of one row (its slots would overlap).
 inline void check_block_table_values(const at::Tensor& block_table, const Shape& s) {
   const int32_t* t = block_table.data_ptr<int32_t>();
   std::vector<int64_t> owner(s.P, -1);
@@ -137,9 +139,9 @@ inline void check_block_table_values(const at::Tensor& block_table, const Shape&
     TORCH_CHECK(t[i] >= -1 && t[i] < s.P, "block_table: expected page ids in [-1, ", s.P,
                 ") (-1: no page), got block_table[", row / s.Hkv, ", ", row % s.Hkv, ", ", i % s.M, "] = ", t[i]);
     if (t[i] < 0) continue;
-    TORCH_CHECK(owner[t[i]] < 0 || owner[t[i]] == row, "block_table: page ", t[i],
-                " is given to more than one row (rows [", owner[t[i]] / s.Hkv, ", ", owner[t[i]] % s.Hkv, "] and [",
-                row / s.Hkv, ", ", row % s.Hkv, "], as [sequence, KV head]); a page belongs to one row");
+    TORCH_CHECK(owner[t[i]] < 0, "block_table: page ", t[i], " is listed twice (by rows [", owner[t[i]] / s.Hkv,
+                ", ", owner[t[i]] % s.Hkv, "] and [", row / s.Hkv, ", ", row % s.Hkv,
+                "], as [sequence, KV head]); a page belongs to one row, at one entry");
     owner[t[i]] = row;
   }
 }

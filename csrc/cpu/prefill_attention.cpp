@@ -136,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefill_attention_cpu(const at::T
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1);
   TORCH_CHECK(k.size(0) == T, "k: expected ", T, " tokens (those of q), got shape ", k.sizes());
   TORCH_CHECK(k.size(2) == D, "k: expected head dim ", D, " (that of q), got shape ", k.sizes());
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "k: the number of KV heads (", Hkv, ") must divide the query heads (", H,
-              ")");
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "k: the number of KV heads (", Hkv,
+              ") must divide the number of query heads of q (", H, ")");
   TORCH_CHECK(max_seqlen >= 0, "max_seqlen: expected >= 0, got ", max_seqlen);
   check_scale(scale);
   TORCH_CHECK(score_queries >= -1, "score_queries: expected -1 (none), 0 (all) or W > 0, got ", score_queries);

@@ -133,8 +133,8 @@ def _max_budget_tensor(max_budget, B, cos_sum):
     """max_budget (an int or an integer [B] tensor) as int32 [B] on cos_sum's device, validated:
     its values are read back (a host sync) only on the CPU or under SQUEEZE_DEBUG=1."""
     if not isinstance(max_budget, torch.Tensor):
-        _checks.check(isinstance(max_budget, int) and max_budget >= 0,
-                      lambda: f"max_budget: expected an int >= 0 or an int32 [B] tensor, got {max_budget!r}")
+        _checks.check(isinstance(max_budget, int) and not isinstance(max_budget, bool) and 0 <= max_budget < 2**31,
+                      lambda: f"max_budget: expected an int in [0, 2**31) or an int32 [B] tensor, got {max_budget!r}")
         return torch.full((B,), max_budget, dtype=torch.int32, device=cos_sum.device)
     _check_lengths(max_budget, B, cos_sum, "max_budget")
     if _checks.value_checks_wanted(max_budget):

@@ -10,11 +10,13 @@
 - `PrefillNeeds`: the signals a prefill records for a policy and its settings
   (`prefill_needs(policy, settings)`); the cache refuses a record that lacks them.
 """
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..vocabulary import DEFAULT_RECENT_RATIO, DEFAULT_SINKS, POLICIES, POOL_MODES
 from .allocators import Fixed, Squeeze, Uniform, needs_of
+from .allocators.base import check_number
 from .allocators.base import describe as describe_allocator
 
 # prefill_attention's score_queries for "no scores".
@@ -51,6 +53,7 @@ class SequencePolicy:
             object.__setattr__(self, "sinks", DEFAULT_SINKS[self.kind])
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"sinks: expected an int >= 0, got {self.sinks!r}")
+        check_number(self.recent_ratio, "recent_ratio")
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio: expected a value in [0, 1], got {self.recent_ratio}")
         if not isinstance(self.score_queries, int) or self.score_queries < 0:
@@ -113,10 +116,14 @@ class SqueezeSettings:
     def __post_init__(self):
         if (self.b_init is None) == (self.base_tokens is None):
             raise ValueError("SqueezeSettings: give exactly one of b_init and base_tokens")
-        if self.b_init is not None and not self.b_init > 0:
-            raise ValueError(f"b_init: expected > 0, got {self.b_init}")
-        if self.base_tokens is not None and self.base_tokens < 1:
-            raise ValueError(f"base_tokens: expected >= 1, got {self.base_tokens}")
+        if self.b_init is not None:
+            check_number(self.b_init, "b_init")
+            if not (math.isfinite(self.b_init) and self.b_init > 0):
+                raise ValueError(f"b_init: expected a finite fraction > 0, got {self.b_init}")
+        if self.base_tokens is not None:
+            check_number(self.base_tokens, "base_tokens")
+            if not (math.isfinite(self.base_tokens) and self.base_tokens >= 1):
+                raise ValueError(f"base_tokens: expected a finite number of tokens >= 1, got {self.base_tokens}")
         needs_of(self.allocator)  # a clear error now rather than inside the cache's build
 
     @classmethod

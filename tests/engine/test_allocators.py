@@ -136,7 +136,7 @@ def test_bad_requests_raise():
         allocate(cos_sum, lens, Uniform(), b_init=0.2, horizon=torch.tensor([5.0]))
     with pytest.raises(ValueError, match="^k:"):
         allocate(cos_sum[:2].contiguous(), lens, Squeeze(0.5), b_init=0.2)  # 2 layers, 3 groups
-    for bad in (-1, torch.tensor([-2], dtype=torch.int32), torch.tensor([3, 4], dtype=torch.int32), 2.5):
+    for bad in (-1, torch.tensor([-2], dtype=torch.int32), torch.tensor([3, 4], dtype=torch.int32), 2.5, 2**31, True):
         with pytest.raises(ValueError, match="^max_budget:"):
             allocate(cos_sum, lens, Uniform(), b_init=0.2, max_budget=bad)
 

@@ -51,6 +51,24 @@ def test_settings_are_plain_data():
         SqueezeSettings(b_init=0.2, allocator="uniform")
 
 
+def test_settings_name_the_field_of_a_wrong_type_or_value():
+    for bad in (dict(b_init="0.2"), dict(b_init=True), dict(base_tokens="64")):
+        with pytest.raises(TypeError, match=f"^{next(iter(bad))}:"):
+            SqueezeSettings(**bad)
+    for bad in (dict(b_init=float("inf")), dict(b_init=float("nan")), dict(base_tokens=float("inf"))):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))}:"):
+            SqueezeSettings(**bad)
+    for bad in (dict(p="0.3"), dict(k=2.5), dict(k="3")):
+        with pytest.raises(TypeError, match=f"^{next(iter(bad))}:"):
+            SqueezeSettings.squeeze(b_init=0.2, **bad)
+    with pytest.raises(ValueError, match="^p:"):
+        SqueezeSettings.squeeze(b_init=0.2, p=float("inf"))
+    with pytest.raises(TypeError, match="^recent_ratio:"):
+        SequencePolicy.h2o(recent_ratio="0.5")
+    with pytest.raises(TypeError, match="^gamma:"):
+        SimilarityWeighted(gamma="1")
+
+
 # ---- the pool ----
 
 def test_pool_hands_out_free_pages_only_and_refuses_when_short():

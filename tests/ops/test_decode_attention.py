@@ -187,7 +187,7 @@ def bad_inputs():
     yield "negative lens", (q, k, v, table, torch.tensor([[-1, 2], [0, 0]], **i32), 1.0, None), "lens.*non-neg"
     yield "page id", (q, k, v, table.masked_fill(table == table[0, 0, 0], 999), lens, 1.0, None), "block_table: exp"
     yield "shared page", (q, k, v, table.masked_fill(table == table[1, 1, 0], int(table[0, 0, 0])), lens, 1.0,
-                          None), "block_table: page .* more than one row"
+                          None), "block_table: page .* listed twice"
     yield "table dtype", (q, k, v, table.long(), lens, 1.0, None), "block_table: expected dtype"
     yield "table layout", (q, k, v, table.transpose(0, 1).contiguous().transpose(0, 1), lens, 1.0, None), \
         "block_table: expected a contiguous"

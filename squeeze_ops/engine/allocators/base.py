@@ -26,6 +26,7 @@ Everything an allocator does is tensor work on the request's device with shapes 
 host: no host synchronisation, so a plan can sit in a captured CUDA graph or a
 torch.compile(fullgraph=True) region.
 """
+import numbers
 from functools import lru_cache
 from typing import NamedTuple, Optional
 
@@ -215,8 +216,17 @@ def bisect(budgets, total, a, b, steps):
     return a, b
 
 
+def check_number(value, name, integral=False):
+    """A setting's type: a real number (an int with integral; a bool is neither), else a TypeError
+    naming it (rather than one from the first comparison that meets it)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
+        raise TypeError(f"{name}: expected {'an int' if integral else 'a number'}, got {type(value).__name__} "
+                        f"{value!r}")
+
+
 def check_spread(gamma, floor, cap):
     """The parameters of the allocators that weigh layers by a power of a signal."""
+    check_number(gamma, "gamma")
     if not gamma >= 0:
         raise ValueError(f"gamma: expected gamma >= 0, got {gamma}")
     check_bounds(floor, cap)
@@ -224,6 +234,8 @@ def check_spread(gamma, floor, cap):
 
 def check_bounds(floor, cap):
     """Floor and cap of a layer's budget as multiples of the base."""
+    check_number(floor, "floor")
+    check_number(cap, "cap")
     if not 0 <= floor <= 1:
         raise ValueError(f"floor: expected a fraction of the base in [0, 1], got {floor}")
     if not cap >= 1:

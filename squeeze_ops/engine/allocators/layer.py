@@ -6,13 +6,14 @@ uniform baseline, a continuous weighting by the similarity, and explicit budgets
     SimilarityWeighted(gamma, ..) budget proportional to (1 - similarity)^gamma, floor and cap
     Fixed(budgets)                explicit per-layer (or per-head) budgets in tokens
 """
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ...ops import layer_budgets
 from ...vocabulary import DEFAULT_K, DEFAULT_P
-from .base import Allocator, check_spread, conserve, on_device, reported_groups
+from .base import Allocator, check_number, check_spread, conserve, on_device, reported_groups
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,10 @@ class Squeeze(Allocator):
     k: int = DEFAULT_K
 
     def __post_init__(self):
-        if not self.p > 0:
-            raise ValueError(f"p: expected p > 0, got {self.p}")
+        check_number(self.p, "p")
+        check_number(self.k, "k", integral=True)
+        if not (self.p > 0 and math.isfinite(self.p)):
+            raise ValueError(f"p: expected a finite p > 0, got {self.p}")
         if self.k < 1:
             raise ValueError(f"k: expected k >= 1, got {self.k}")
 
