@@ -13,21 +13,26 @@ Rows (same prompt, same number of new tokens, greedy):
   hf squeeze      model.generate(past_key_values=SqueezeCache(...)): full (settings None,
                   nothing evicted: the like-for-like overhead), h2o at 30% and 20% of the prompt
   runner          LlamaRunner.start + decode (the same ops without transformers' forward)
-Per row, read from clock stamps after each token (a StoppingCriteria that never stops) within
+Times are the process's CPU time on CPU (time.process_time: run with one thread, the default,
+it is the wall time of an idle machine, and other work on a shared machine does not inflate
+it), the wall clock on a GPU. Per row, read from clock stamps after each token (a StoppingCriteria that never stops) within
 one run of N tokens: ttft_ms = the time to the first token (the prompt's forward, the plan and
-admission), ms/token = the mean time of the N - 1 later tokens (the decode forwards and
-generate's own loop); medians of --reps runs; vs transformers and vs the runner at the same
-budget as ratios of ms/token. On CPU also where a token's time goes (one more run):
+admission), ms/token = the median time of the N - 1 later tokens (a decode forward and
+generate's own loop); the cases run interleaved --reps times and each row keeps its fastest
+run (the least disturbed by other work on the machine); vs transformers and vs the runner at
+the same budget as ratios of ms/token. On CPU also where a token's time goes:
 attention ms/token = time inside the attention and its cache update, summed over the layers
 (transformers: DynamicCache.update + sdpa_attention_forward; squeeze: the attention function,
-i.e. decode_step_ through SqueezeKVCache.attend; runner: SqueezeKVCache.attend), the rest = the
-model's other work and generate's own loop. CPU value checks (the host reads of lengths and
+i.e. decode_step_ through SqueezeKVCache.attend; runner: SqueezeKVCache.attend), as its share
+of the decode time in each run (median over the runs) times ms/token; the rest = the model's
+other work and generate's own loop. CPU value checks (the host reads of lengths and
 page ids each op makes on CPU tensors) are on as a CPU user gets them; the `checks off` row
 turns them off as on a GPU without SQUEEZE_DEBUG, which is the eager launch path's real host
 cost.
 """
 import argparse
 import contextlib
+import os
 import statistics
 import time
 
@@ -41,6 +46,12 @@ from squeeze_ops.engine.policies import SequencePolicy, SqueezeSettings
 from squeeze_ops.models.llama import LlamaRunner
 
 
+def _now(device):
+    """Seconds: the process's CPU time on CPU (other work on a shared machine does not inflate
+    it; with one thread it is the wall time of an idle machine), the wall clock on a GPU."""
+    return time.perf_counter() if torch.device(device).type == "cuda" else time.process_time()
+
+
 class _Clock:
     """Seconds spent inside the wrapped callables while enabled."""
 
@@ -51,11 +62,10 @@ class _Clock:
         def timed(*args, **kwargs):
             if not self.on:
                 return fn(*args, **kwargs)
-            t0 = time.perf_counter()
+            t0 = _now(device)
             out = fn(*args, **kwargs)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - t0
+            _sync(device)
+            self.seconds += _now(device) - t0
             return out
         return timed
 
@@ -102,23 +112,23 @@ class _Stamps:
     def __init__(self, device, clock=None):
         self.device, self.clock = device, clock
         _sync(device)
-        self.times = [time.perf_counter()]
+        self.times = [_now(device)]
 
     def __call__(self, *args, **kwargs):  # transformers' StoppingCriteria: never stops
         _sync(self.device)
-        self.times.append(time.perf_counter())
+        self.times.append(_now(self.device))
         if len(self.times) == 2 and self.clock is not None:
             self.clock.seconds = 0.0
         return torch.zeros(1, dtype=torch.bool, device=self.device)
 
     def split(self):
-        """(time to the first token, mean time of each later token) in seconds."""
+        """(time to the first token, [time of each later token]) in seconds."""
         t = self.times
-        return t[1] - t[0], (t[-1] - t[1]) / (len(t) - 2)
+        return t[1] - t[0], [b - a for a, b in zip(t[1:], t[2:])]
 
 
 def _generate(model, prompt, new_tokens, make_cache, clock=None):
-    """One greedy model.generate of exactly new_tokens tokens: (ttft s, s per later token)."""
+    """One greedy model.generate of exactly new_tokens tokens: (ttft s, [s of each later token])."""
     from transformers import StoppingCriteriaList
 
     cache = make_cache(new_tokens) if make_cache else None
@@ -132,7 +142,7 @@ def _generate(model, prompt, new_tokens, make_cache, clock=None):
 
 
 def _run_runner(runner, prompt, new_tokens, policy, settings, clock=None):
-    """LlamaRunner.start + new_tokens - 1 greedy decode steps: (ttft s, s per later token)."""
+    """LlamaRunner.start + new_tokens - 1 greedy decode steps: (ttft s, [s of each later token])."""
     stamps = _Stamps(prompt.device, clock)
     cache, _, logits = runner.start([prompt], policy, settings, new_tokens - 1)
     token = logits.argmax(-1)
@@ -155,28 +165,41 @@ def measure(model, prompt, new_tokens, reps, device):
     cases += [("hf squeeze", name, s, True) for name, s in budgets.items()]
     cases += [("hf squeeze", "full, checks off", None, False)]
     cases += [("runner", name, s, True) for name, s in budgets.items()]
-    rows = []
-    for provider, budget, settings, checks in cases:
-        def run(clock=None):
-            if provider == "transformers":
-                model.set_attn_implementation("sdpa")
-                return _generate(model, prompt, new_tokens, None, clock)
-            if provider == "hf squeeze":
-                return _generate(model, prompt, new_tokens, lambda g: SqueezeCache(model, policy, settings, g), clock)
-            return _run_runner(runner, prompt, new_tokens, policy, settings, clock)
+    def run(case, clock=None):
+        provider, _, settings, _ = case
+        if provider == "transformers":
+            model.set_attn_implementation("sdpa")
+            return _generate(model, prompt, new_tokens, None, clock)
+        if provider == "hf squeeze":
+            return _generate(model, prompt, new_tokens, lambda g: SqueezeCache(model, policy, settings, g), clock)
+        return _run_runner(runner, prompt, new_tokens, policy, settings, clock)
 
-        with _checks.forced_value_checks(None if checks else False):
-            run()  # warm-up
-            timings = [run() for _ in range(reps)]
-            row = dict(provider=provider, budget=budget, ttft_ms=1e3 * statistics.median(t for t, _ in timings),
-                       ms_per_token=1e3 * statistics.median(d for _, d in timings))
-            if torch.device(device).type == "cpu":
-                stack, clock = _attention_clock(provider, device)
-                with stack:
-                    clock.on = True
-                    run(clock)
-                row["attention_ms_per_token"] = 1e3 * clock.seconds / (new_tokens - 1)
-                row["rest_ms_per_token"] = row["ms_per_token"] - row["attention_ms_per_token"]
+    cpu = torch.device(device).type == "cpu"
+    for case in cases:  # warm-up
+        with _checks.forced_value_checks(None if case[3] else False):
+            run(case)
+    samples = [[] for _ in cases]
+    for _ in range(reps):
+        # Interleaved, so that other load on the machine reaches every case alike.
+        for case, got in zip(cases, samples):
+            with _checks.forced_value_checks(None if case[3] else False):
+                if cpu:
+                    stack, clock = _attention_clock(case[0], device)
+                    with stack:
+                        clock.on = True
+                        ttft, steps = run(case, clock)
+                    got.append((ttft, statistics.median(steps), clock.seconds / sum(steps)))
+                else:
+                    ttft, steps = run(case)
+                    got.append((ttft, statistics.median(steps), None))
+    rows = []
+    for (provider, budget, _, _), got in zip(cases, samples):
+        row = dict(provider=provider, budget=budget, ttft_ms=1e3 * min(t for t, _, _ in got),
+                   ms_per_token=1e3 * min(d for _, d, _ in got))
+        if cpu:
+            share = statistics.median(a for _, _, a in got)
+            row["attention_ms_per_token"] = row["ms_per_token"] * share
+            row["rest_ms_per_token"] = row["ms_per_token"] * (1 - share)
         rows.append(row)
     model.set_attn_implementation("sdpa")
     anchor = rows[0]["ms_per_token"]
@@ -201,7 +224,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--new", type=int, default=32, help="generated tokens timed per run (default 32)")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steadier on a shared machine)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
@@ -221,11 +244,12 @@ def main(argv=None):
     rows = measure(model, prompt, new, args.reps, args.device)
     env = environment(args.device)
     env["threads"] = torch.get_num_threads()
+    env["load average (1 min, at the end)"] = f"{os.getloadavg()[0]:.1f}"  # other work on the machine
     import transformers
 
     env["transformers"] = transformers.__version__
     note = (f"{what}, batch 1, prompt {len(prompt)} tokens, {new} generated tokens per run (greedy), "
-            f"medians of {args.reps} runs. Columns: see bench/bench_hf.py.")
+            f"the fastest of {args.reps} interleaved runs. Columns: see bench/bench_hf.py.")
     name = "hf_generate_quick" if args.quick else f"hf_generate_{torch.device(args.device).type}"
     print(write_table(name, rows, ["provider", "budget", "ttft_ms", "ms_per_token", "vs_transformers", "vs_runner",
                                    "attention_ms_per_token", "rest_ms_per_token"], env, note))
