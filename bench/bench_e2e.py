@@ -69,6 +69,7 @@ POLICIES = {"h2o": SequencePolicy.h2o(), "streaming": SequencePolicy.streaming(4
 SQUEEZE_P = 0.35  # the paper's p is 0.3-0.4 (Mistral-7B: ~0.38)
 TARGET = (0.3, 2.2)  # at 30% KV held, >= 2.2x the paged full cache's decode tokens/s
 MIB, GIB = 1 << 20, 1 << 30
+QUEUE_MAX = 16  # requests waiting at most: an admission's prefill holds up to 16 x 3T/2 tokens
 # CUDA graph widths: powers of two, then steps of 128 (a step replays the smallest that holds the batch).
 WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256) + tuple(range(384, 8193, 128))
 
@@ -166,12 +167,14 @@ def page_bytes(runner, page_size):
 
 
 def free_bytes(device, shape, elt, prefill_tokens):
-    """What a pool may take on the GPU: the free memory less 2 GiB, 5%, and an estimate of a
-    prefill's temporaries over prefill_tokens tokens (x, norms, q/k/v and the MLP's three
-    I-wide tensors per token) and of the CUDA graphs' temporaries."""
+    """What a pool may take on the GPU: the free memory less 2 GiB and 5% (workspaces, the CUDA
+    graphs' temporaries, fragmentation) and 1.25 x an estimate of the peak temporaries of a
+    prefill over prefill_tokens tokens (the hidden state, its fp32 norm, q/k/v with their RoPE
+    copies, the MLP's four I-wide tensors)."""
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    per_token = elt * (6 * shape.hidden + 3 * shape.mlp + 2 * (shape.heads + 2 * shape.kv_heads) * shape.head_dim)
-    return int(free * 0.95) - 2 * GIB - 2 * prefill_tokens * per_token
+    qkv = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
+    per_token = elt * (2 * shape.hidden + 2 * qkv + 4 * shape.mlp) + 4 * shape.hidden
+    return int(free * 0.95) - 2 * GIB - int(1.25 * prefill_tokens * per_token)
 
 
 def release():
@@ -209,10 +212,13 @@ class DecodeClock:
     def graphs(self, graphs):
         def decode(tokens):
             width = next((w for w in graphs.widths if w >= len(tokens)), None)
-            key = (width, graphs.cache.version)
-            captured = width is not None and key not in self._captured
-            self._captured.add(key)
-            return self._time(len(tokens), captured, graphs.decode, tokens)
+            before = graphs.cache.version
+            out = self._time(len(tokens), False, graphs.decode, tokens)
+            # A step that grew the tables (begin_step) captured at the new version too.
+            captured = width is not None and ((width, before) not in self._captured or graphs.cache.version != before)
+            self._captured.update({(width, before), (width, graphs.cache.version)})
+            self.steps[-1] = (*self.steps[-1][:2], captured)
+            return out
 
         return SimpleNamespace(decode=decode)
 
@@ -220,11 +226,11 @@ class DecodeClock:
 def auto_queue(pool_pages, shape, page_size, workload, b_init):
     """Requests kept waiting so that arrivals outpace retirements (Little's law with a margin):
     1.5 x the sequences the pool holds at b_init (None: the full cache) / the mean new tokens,
-    within [2, 32]."""
+    within [2, QUEUE_MAX] (an admission prefills up to that many prompts at once)."""
     T, G = workload.prompt_len, max(1, workload.new_tokens)
     slots = T + G if b_init is None else b_init * T + 1
     per_sequence = shape.layers * shape.kv_heads * -(-int(slots) // page_size)
-    return min(32, max(2, -(-3 * (pool_pages // per_sequence) // (2 * G))))
+    return min(QUEUE_MAX, max(2, -(-3 * (pool_pages // per_sequence) // (2 * G))))
 
 
 def serve(runner, cache, workload, settings, queue, window, use_graphs, fill_steps):
@@ -419,7 +425,7 @@ def main(argv=None):
     parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--queue", type=int, help="requests always waiting (default: auto_queue per row)")
-    parser.add_argument("--window", type=int, help="decode steps timed once the pool is full (default 64; quick 8)")
+    parser.add_argument("--window", type=int, help="decode steps timed once the pool is full (default 32; quick 8)")
     parser.add_argument("--memory-limit-mib", type=float, help="the pool's bytes (default: the free GPU memory; "
                                                                   "quick or CPU: 2)")
     parser.add_argument("--time-limit", type=float, default=420.0, help="seconds; later rows are skipped")
@@ -437,7 +443,7 @@ def main(argv=None):
     shape = TOY if args.quick else MISTRAL_7B
     T = args.prompt or (64 if args.quick else 2048)
     G = args.new_tokens or (8 if args.quick else 128)
-    window = args.window or (8 if args.quick else 64)
+    window = args.window or (8 if args.quick else 32)
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     model, source = build_model(shape, device, dtype, use_transformers=not args.no_transformers)
@@ -445,7 +451,7 @@ def main(argv=None):
     limit = args.memory_limit_mib or (2 if args.quick or not cuda else None)
     pool_bytes = None if limit is None else int(limit * MIB)
     if cuda:
-        free = free_bytes(device, shape, runner.dtype.itemsize, (args.queue or 32) * 3 * T // 2)
+        free = free_bytes(device, shape, runner.dtype.itemsize, (args.queue or QUEUE_MAX) * 3 * T // 2)
         pool_bytes = free if pool_bytes is None else min(pool_bytes, free)
     print(f"model: {shape}, {dtype} on {device} ({source}); pool {pool_bytes / GIB:.2f} GiB in pages of "
           f"{args.page_size}; ready after {time.monotonic() - start:.1f} s", flush=True)

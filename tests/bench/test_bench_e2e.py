@@ -107,16 +107,22 @@ def test_time_limit_skips_rows(runner):
 
 
 def test_clock_leaves_captures_out():
-    """A step is a capture the first time it uses a width at a table version (DecodeGraphs
-    captures then)."""
+    """A step is a capture the first time it uses a width at a table version, or when it grew the
+    tables itself (DecodeGraphs captures then); past every width it runs eagerly."""
     clock = e2e.DecodeClock("cpu")
-    fake = SimpleNamespace(widths=[1, 2, 4], cache=SimpleNamespace(version=7), decode=lambda tokens: tokens)
+    fake = SimpleNamespace(widths=[1, 2, 4], cache=SimpleNamespace(version=7))
+
+    def decode(tokens):
+        if len(tokens) == 3 and fake.cache.version == 7:
+            fake.cache.version = 9  # begin_step grew the tables: a new version, captured at once
+        return tokens
+
+    fake.decode = decode
     stand_in = clock.graphs(fake)
-    for batch, version in ((1, 7), (1, 7), (3, 7), (2, 7), (3, 8), (5, 8)):
-        fake.cache.version = version
+    for batch in (1, 1, 3, 3, 2, 5):
         stand_in.decode(torch.zeros(batch))
-    assert [(b, c) for b, _, c in clock.steps] == [(1, True), (1, False), (3, True), (2, True), (3, True),
-                                                   (5, False)]  # past every width: eager
+    assert [(b, c) for b, _, c in clock.steps] == [(1, True), (1, False), (3, True), (3, False), (2, True),
+                                                   (5, False)]
 
 
 def test_verdicts():
