@@ -14,8 +14,9 @@ Rows: policy (h2o, streaming) x settings: the full cache (None); uniform at 20% 
 for streaming at 30% the per-KV-head CalibratedHeads); SqueezeAttention's faithful Squeeze(p=0.5)
 at 20% and 30%; x page size 16 (and 1, 64). One PagePool per page size (sized to the workload's
 paged full cache), one SqueezeKVCache per policy over it: the groups are admitted from their
-records (SqueezeKVCache.admit), measured (MemoryReport), at page size 16 decoded for the 63 steps
-(greedy; the pages must not change and every row must end at its budget), then retired.
+records (SqueezeKVCache.admit), measured (MemoryReport), at page size 16 decoded for a few steps
+(--decode-steps, greedy; the pages must not change and every row must hold min(budget, prompt +
+steps) after them), then retired.
 
 Columns, from MemoryReport: mean budget = slots_budget / rows (rows = sequences x L x Hkv); held =
 the K+V of the rows' budgets (slots_budget); allocated = pages x page size (kv_allocated); the bound
@@ -92,15 +93,18 @@ def admit(runner, pool, policy, records, settings, steps):
     return cache
 
 
-def decode_all(runner, cache, records, steps):
+def decode_some(runner, cache, records, steps):
     """The admitted sequences decoded greedily for `steps` steps (from the prefills' logits).
-    Raises when decoding changed the pages or a row did not end at its budget."""
+    Raises unless the pages stayed as they were and every row holds min(budget, prompt + steps)."""
     before = cache.memory()
     runner.greedy(cache, torch.cat([logits for _, logits in records]), steps + 1)
     after = cache.memory()
-    if after.pages != before.pages or after.slots_held != after.slots_budget:
-        raise RuntimeError(f"decoding: pages {before.pages} -> {after.pages}, held {after.slots_held} slots for a "
-                           f"budget of {after.slots_budget}")
+    prompts = torch.tensor([n for record, _ in records for n in record.prompt_lens])
+    budgets = cache.budgets.cpu().view(cache.batch, cache.num_layers, -1).expand(-1, -1, cache.num_kv_heads)
+    held = int(torch.minimum(budgets, (prompts + steps).view(-1, 1, 1)).sum())
+    if after.pages != before.pages or after.slots_held != held:
+        raise RuntimeError(f"decoding: pages {before.pages} -> {after.pages}, {after.slots_held} slots held, "
+                           f"{held} expected")
 
 
 def memory_row(report, rows, page_size):
@@ -114,9 +118,11 @@ def memory_row(report, rows, page_size):
                 **{"padded/alloc": report.padded / report.kv_allocated})
 
 
-def run_table(runner, records, prompts, steps, page_sizes, decode_page_size, settings_of, log=print):
-    """Rows of every policy x settings x page size (see the module docstring); settings_of(policy
-    name) gives the (label, settings) list. Each cache is retired before the next one."""
+def run_table(runner, records, prompts, steps, page_sizes, decode_page_size, decode_steps, settings_of, log=print):
+    """Rows of every policy x settings x page size (see the module docstring): sequences admitted
+    for `steps` decode steps, at decode_page_size decoded for decode_steps of them (decode_some);
+    settings_of(policy name) gives the (label, settings) list. Each cache is retired before the
+    next one."""
     out, rows = [], len(prompts) * runner.num_layers * runner.num_kv_heads
     for page_size in page_sizes:
         pool = full_pool(runner, prompts, steps, page_size)
@@ -125,7 +131,7 @@ def run_table(runner, records, prompts, steps, page_sizes, decode_page_size, set
                 cache = admit(runner, pool, policy, records, settings, steps)
                 report = cache.memory()
                 if page_size == decode_page_size:
-                    decode_all(runner, cache, records, steps)
+                    decode_some(runner, cache, records, decode_steps)
                 cache.retire(cache.ids)
                 row = dict(policy=name, settings=label, allocator="-" if settings is None else settings.describe(),
                            **memory_row(report, rows, page_size))
@@ -162,17 +168,19 @@ def prefill_peaks(runner, prompts, policy, settings, steps):
              kept + via_record.kv_allocated, via_record.kv_allocated)]
 
 
-def markdown(rows, peaks, env, command, seconds, prompts, load):
+def markdown(rows, peaks, env, command, seconds, prompts, load, steps, decode_steps):
     """The results page: what was run, the memory table, the prefill peaks (prefill_peaks);
-    load: the 1-minute load averages at the start and the end of the run."""
+    load: the 1-minute load averages at the start and the end of the run; steps, decode_steps:
+    the decode steps admitted and those decoded at page size 16."""
     lengths = sorted(len(p) for p in prompts)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["# memory", "", ", ".join(f"{k}: {v}" for k, v in env.items()), "",
              f"Command: `{command}` ({seconds / 60:.1f} min on this machine; 1-minute load average {load[0]:.1f} at "
              f"the start, {load[1]:.1f} at the end). SmolLM2-135M-Instruct (30 layers, 9 / 3 "
              f"heads, D 64, fp32) on the CPU; {len(prompts)} Botchan windows of {lengths} tokens "
-             f"(mean {sum(lengths) / len(lengths):.0f}), 64 new tokens each (63 decode steps; rows at page 16 "
-             "decoded, the pages unchanged and every row at its budget after them). held = K+V of the rows' budgets; "
+             f"(mean {sum(lengths) / len(lengths):.0f}), admitted for {steps + 1} new tokens each ({steps} decode steps); at page 16 "
+             f"every row decoded {decode_steps} of them, the pages unchanged and each row holding min(budget, prompt + "
+             f"{decode_steps}) after them. held = K+V of the rows' budgets; "
              "allocated = pages x page size; bound = 1 + S / mean budget; alloc_vs_full = allocated / the paged full "
              "cache of the same sequences; padded = the padded layout's allocation (per layer every row at the "
              "layer's largest budget + 1, per-head plans at the layer's largest head).", "",
@@ -196,6 +204,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--group", type=int, default=4, help="prompts per prefill (and admission)")
     parser.add_argument("--page-sizes", type=int, nargs="+", default=[16, 1, 64])
+    parser.add_argument("--decode-steps", type=int, default=8, help="steps decoded at page size 16 (the check)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     start, load = time.monotonic(), os.getloadavg()[0]
@@ -212,7 +221,8 @@ def main(argv=None):
     print(f"{len(prompts)} prompts, {sum(map(len, prompts))} tokens; prefill recording {needs}", flush=True)
     records = prefill_groups(runner, prompts, needs, args.group)
     print(f"prefilled after {time.monotonic() - start:.0f} s", flush=True)
-    rows = run_table(runner, records, prompts, steps, args.page_sizes, DECODE_PAGE_SIZE, table_settings)
+    rows = run_table(runner, records, prompts, steps, args.page_sizes, DECODE_PAGE_SIZE, args.decode_steps,
+                     table_settings)
     del records
     print(f"table after {time.monotonic() - start:.0f} s; prefill peaks", flush=True)
     peaks = prefill_peaks(runner, prompts[: args.group], POLICIES["h2o"], SqueezeSettings.uniform(b_init=0.3), steps)
@@ -220,8 +230,9 @@ def main(argv=None):
     env["device"] = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     env["transformers"] = sys.modules["transformers"].__version__
     command = "python -m bench.bench_memory " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(save_markdown("memory", markdown(rows, peaks, env, command.strip(), time.monotonic() - start, prompts,
-                                         (load, os.getloadavg()[0]))))
+    text = markdown(rows, peaks, env, command.strip(), time.monotonic() - start, prompts, (load, os.getloadavg()[0]),
+                    steps, args.decode_steps)
+    print(save_markdown("memory", text))
 
 
 if __name__ == "__main__":

@@ -60,14 +60,14 @@ def test_row_is_what_the_cache_holds(setup, page_size, label, settings):
     if settings is None:  # the full cache holds every row's horizon
         assert row["alloc_vs_full"] == "100.0%" and torch.equal(budgets, horizon.expand_as(budgets))
     if page_size == bench_memory.DECODE_PAGE_SIZE:
-        bench_memory.decode_all(runner, cache, records, STEPS)  # raises if decoding allocated or a row is off budget
+        bench_memory.decode_some(runner, cache, records, STEPS)  # raises if decoding allocated or a row is off
     cache.retire(cache.ids)
     assert pool.free_pages == pool.num_pages
 
 
 def test_table_and_peaks(setup):
     runner, prompts, records = setup
-    rows = bench_memory.run_table(runner, records, prompts, STEPS, [16, 64], 16, settings_of, log=lambda line: None)
+    rows = bench_memory.run_table(runner, records, prompts, STEPS, [16, 64], 16, 2, settings_of, log=lambda line: None)
     assert [(r["policy"], r["settings"], r["page"]) for r in rows] == [
         (p, label, S) for S in (16, 64) for p in bench_memory.POLICIES for label, _ in settings_of(p)]
     peaks = bench_memory.prefill_peaks(runner, prompts[:2], bench_memory.POLICIES["h2o"],
@@ -76,5 +76,6 @@ def test_table_and_peaks(setup):
     assert reported == counted  # the record path: the record + the admitted rows
     assert staged < counted and reserved_kv == recorded_kv  # same rows admitted, a smaller peak
     text = bench_memory.markdown(rows, peaks, {"date": "today"}, "python -m bench.bench_memory", 60.0, prompts,
-                                 (0.5, 0.7))
+                                 (0.5, 0.7), STEPS, 2)
     assert text.count("\n| h2o |") == 6 and "Peak counted, reservation / record:" in text
+    assert f"admitted for {STEPS + 1} new tokens each ({STEPS} decode steps)" in text
