@@ -77,7 +77,8 @@ def torch_decode_step(q, k_new, v_new, pos, k_cache, v_cache, slot_pos, scores, 
         t.scatter_(2, dst[..., None].expand(B, Hkv, 1, D), t.gather(2, last[..., None].expand(B, Hkv, 1, D)))
     for t, empty in ((slot_pos, -1), (scores, 0.0)):
         t.scatter_(2, dst, t.gather(2, last))
-        t.scatter_(2, last, torch.where(evict[..., None], empty, t.gather(2, last)))  # the evicting rows' last slot freed
+        # The last slot of an evicting row is freed (the victim's, when the victim was the last).
+        t.scatter_(2, last, torch.where(evict[..., None], empty, t.gather(2, last)))
     lens.copy_(n - evict.int())
     return out
 
@@ -268,8 +269,8 @@ def run_table(shapes, device, dtype, time_limit=None):
             base = dict(shape=f"B{B} L{L} H{H}/{Hkv} D{D}", lens="U[L/4,L]" if ragged else "=L",
                         dtype=str(dtype).removeprefix("torch."), graphs="yes" if graphs else "no")
             for name, t in times.items():
-                row = dict(base, provider=name, time_us=t, kv_MB=nbytes / 1e6, TBps=nbytes / t / 1e6, pct_copy=pct[name],
-                           target=marks.get(name, ""))
+                row = dict(base, provider=name, time_us=t, kv_MB=nbytes / 1e6, TBps=nbytes / t / 1e6,
+                           pct_copy=pct[name], target=marks.get(name, ""))
                 if name.startswith("attn ") or name.startswith("step "):
                     for anchor in ("sdpa_flash", "fa2_varlen", "sdpa", "torch", "torch_scores"):
                         if anchor in times:

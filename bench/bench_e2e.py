@@ -206,8 +206,10 @@ class DecodeClock:
         return out
 
     def runner(self, runner):
-        return SimpleNamespace(device=runner.device, prefill=runner.prefill,
-                               decode=lambda cache, tokens: self._time(len(tokens), False, runner.decode, cache, tokens))
+        def decode(cache, tokens):
+            return self._time(len(tokens), False, runner.decode, cache, tokens)
+
+        return SimpleNamespace(device=runner.device, prefill=runner.prefill, decode=decode)
 
     def graphs(self, graphs):
         def decode(tokens):
@@ -302,7 +304,8 @@ def ideal(runner, shape, held_slots, pool_bytes, device, use_graphs):
     """(batch, tokens/s) of decode steps over dense caches of held_slots + 1 slots per row at
     the batch that pool_bytes of K/V hold (at most 8192)."""
     slots = max(1, round(held_slots)) + 1
-    batch = min(8192, pool_bytes // (shape.layers * 2 * shape.kv_heads * slots * shape.head_dim * runner.dtype.itemsize))
+    per_sequence = shape.layers * 2 * shape.kv_heads * slots * shape.head_dim * runner.dtype.itemsize
+    batch = min(8192, pool_bytes // per_sequence)
     if batch < 1:
         return 0, 0.0
     dense = DenseRows(batch, slots, shape, runner.dtype, device)
@@ -392,7 +395,8 @@ def run_grid(runner, shape, workload, jobs, pool_bytes, page_size, queue, window
         t0 = time.monotonic()
         policy = SequencePolicy.window() if settings is None else POLICIES[policy_name]
         try:
-            row, _ = run_row(runner, shape, workload, policy, settings, pool_bytes, page_size, queue, window, use_graphs)
+            row, _ = run_row(runner, shape, workload, policy, settings, pool_bytes, page_size, queue, window,
+                             use_graphs)
         except torch.cuda.OutOfMemoryError as err:
             release()
             print(f"\n{'!' * 78}\n{path}: out of memory, left out ({str(err).splitlines()[0]})\n{'!' * 78}",
@@ -408,8 +412,9 @@ def run_grid(runner, shape, workload, jobs, pool_bytes, page_size, queue, window
         if row["budget"] == TARGET[0]:
             row["target"] = f">= {TARGET[1]}x"
         rows.append(row)
+        nan = float("nan")
         log(f"  {path:28s} peak batch {row['peak_batch']:5d}, {row['decode_tok_s']:10.1f} decode tok/s "
-            f"(x{row.get('x_full', float('nan')):.2f}; ideal {row['ideal_tok_s']:.1f}, x{row.get('ideal_x', float('nan')):.2f}), "
+            f"(x{row.get('x_full', nan):.2f}; ideal {row['ideal_tok_s']:.1f}, x{row.get('ideal_x', nan):.2f}), "
             f"held {row['held_MiB_seq']:.2f} / allocated {row['alloc_MiB_seq']:.2f} MiB per sequence")
     return rows, skipped
 
@@ -458,12 +463,14 @@ def main(argv=None):
     workload = Workload(T, G, shape.vocab, args.page_size)
     budgets = args.budgets or ([0.3] if args.quick else [0.3, 0.2])
     rows, skipped = run_grid(runner, shape, workload, grid(budgets, args.policies), pool_bytes, args.page_size,
-                             args.queue, window, cuda and not args.no_graph, args.time_limit - (time.monotonic() - start))
+                             args.queue, window, cuda and not args.no_graph,
+                             args.time_limit - (time.monotonic() - start))
     note = (f"Random {shape.layers}-layer model (hidden {shape.hidden}, {shape.heads}/{shape.kv_heads} heads, D "
             f"{shape.head_dim}, MLP {shape.mlp}, vocab {shape.vocab}), {dtype}, {source}. Requests: prompts of "
-            f"U[{T // 2}, {3 * T // 2}] tokens, U[{max(1, G // 2)}, {3 * G // 2}] new tokens, `queue` of them always waiting; "
-            f"one pool of {pool_bytes / GIB:.2f} GiB in pages of {args.page_size}; {window} decode steps timed once the "
-            "pool is full (filled), CUDA-graph captures left out. decode_tok_s: tokens / time of those decode steps; "
+            f"U[{T // 2}, {3 * T // 2}] tokens, U[{max(1, G // 2)}, {3 * G // 2}] new tokens, `queue` of them always "
+            f"waiting; one pool of {pool_bytes / GIB:.2f} GiB in pages of {args.page_size}; {window} decode steps "
+            "timed once the pool is full (filled), CUDA-graph captures left out. decode_tok_s: tokens / time of those "
+            "decode steps; "
             "served_tok_s: tokens emitted in that window (first tokens of admissions included) / its wall time; "
             "x_full: decode_tok_s / the paged full cache's. ideal: the same step over dense caches of each row's mean "
             "held length + 1 at the batch the pool's bytes hold (SDPA); ideal_x against the full row's ideal. "

@@ -148,11 +148,11 @@ def main(argv=None):
     load = os.getloadavg()[0]
     rows = run_table(args.device, (1, 16), 20, 3) if args.quick else run_table(args.device)
     env = environment(args.device)
-    note = (f"Host cost per layer of one decode step at H {H} / Hkv {HKV} / D {D} (SmolLM2-135M), rows of {HELD} tokens "
-            f"in pages of {PAGE}, eager; per_step_us = {LAYERS} layers. Triton's own launch cost is not included in "
-            "the rows with launches skipped (the kernels' launches are no-ops there). torch threads "
-            f"{torch.get_num_threads()}; 1-minute load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
-            "end (other jobs shared the cores when it is above the thread count).")
+    note = (f"Host cost per layer of one decode step at H {H} / Hkv {HKV} / D {D} (SmolLM2-135M), rows of {HELD} "
+            f"tokens in pages of {PAGE}, eager; per_step_us = {LAYERS} layers. Triton's own launch cost is not "
+            "included in the rows with launches skipped (the kernels' launches are no-ops there). torch threads "
+            f"{torch.get_num_threads()}; 1-minute load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+            "the end (other jobs shared the cores when it is above the thread count).")
     columns = ["B", "path", "us_per_layer", "p20_us", "p80_us", "per_step_us"]
     print(write_table(f"launch_{args.device}" + ("_quick" if args.quick else ""), rows, columns, env, note))
 

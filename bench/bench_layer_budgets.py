@@ -123,7 +123,8 @@ def main():
                "slower than squeeze"]
     note = (f"k = {K}, p = {P}. Copy bandwidth of this run: {bw / 1e9:.0f} GB/s. Latency-bound: the bandwidth "
             "columns only show how far from it. Target: squeeze <= 15 us (CUDA graph) for B <= 64, L <= 128.")
-    name = "layer_budgets_quick" if args.quick or device == "cpu" else "layer_budgets"  # smoke runs stay out of bench/results/
+    # Smoke runs (quick, or on the CPU) stay out of bench/results/.
+    name = "layer_budgets_quick" if args.quick or device == "cpu" else "layer_budgets"
     print(write_table(name, rows, columns, environment(device), note))
 
 

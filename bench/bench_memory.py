@@ -65,7 +65,8 @@ def workload(tokens, count, low, high, steps, page_size=DECODE_PAGE_SIZE, seed=0
     boundaries for `steps` decode steps: common.clear_of_pages), consecutive disjoint windows of
     the token ids `tokens`."""
     g = torch.Generator().manual_seed(seed)
-    lengths = [clear_of_pages(n, steps, page_size) for n in torch.randint(low, high + 1, (count,), generator=g).tolist()]
+    drawn = torch.randint(low, high + 1, (count,), generator=g).tolist()
+    lengths = [clear_of_pages(n, steps, page_size) for n in drawn]
     if sum(lengths) > len(tokens):
         raise ValueError(f"workload: {sum(lengths)} tokens asked, the text has {len(tokens)}")
     starts = [sum(lengths[:i]) for i in range(count)]
@@ -178,9 +179,9 @@ def markdown(rows, peaks, env, command, seconds, prompts, load, steps, decode_st
              f"Command: `{command}` ({seconds / 60:.1f} min on this machine; 1-minute load average {load[0]:.1f} at "
              f"the start, {load[1]:.1f} at the end). SmolLM2-135M-Instruct (30 layers, 9 / 3 "
              f"heads, D 64, fp32) on the CPU; {len(prompts)} Botchan windows of {lengths} tokens "
-             f"(mean {sum(lengths) / len(lengths):.0f}), admitted for {steps + 1} new tokens each ({steps} decode steps); at page 16 "
-             f"every row decoded {decode_steps} of them, the pages unchanged and each row holding min(budget, prompt + "
-             f"{decode_steps}) after them. held = K+V of the rows' budgets; "
+             f"(mean {sum(lengths) / len(lengths):.0f}), admitted for {steps + 1} new tokens each ({steps} decode "
+             f"steps); at page 16 every row decoded {decode_steps} of them, the pages unchanged and each row "
+             f"holding min(budget, prompt + {decode_steps}) after them. held = K+V of the rows' budgets; "
              "allocated = pages x page size; bound = 1 + S / mean budget; alloc_vs_full = allocated / the paged full "
              "cache of the same sequences; padded = the padded layout's allocation (per layer every row at the "
              "layer's largest budget + 1, per-head plans at the layer's largest head).", "",
