@@ -88,18 +88,21 @@ def step_args(B, device):
 
 
 def per_call_us(fn, device, calls=200, repeats=15):
-    """Median, p20 and p80 over `repeats` runs of the mean wall time of `calls` calls of fn, in
-    microseconds (synchronised after each run: the host cost when the device keeps up)."""
+    """Median, p20 and p80 over `repeats` runs of the mean time of `calls` calls of fn, in
+    microseconds. On the CPU the calling thread's CPU time (time.thread_time: the host cost, not
+    the time the thread waited for a core when other jobs share it); on a GPU the wall time up to
+    a synchronisation after each run (the host cost when the device keeps up)."""
+    clock = time.thread_time if device == "cpu" else time.perf_counter
     for _ in range(10):
         fn()
     sync(device)
     runs = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             fn()
         sync(device)
-        runs.append((time.perf_counter() - t0) / calls * 1e6)
+        runs.append((clock() - t0) / calls * 1e6)
     runs.sort()
     return statistics.median(runs), runs[len(runs) // 5], runs[(4 * len(runs)) // 5]
 
@@ -150,7 +153,9 @@ def main(argv=None):
     env = environment(args.device)
     note = (f"Host cost per layer of one decode step at H {H} / Hkv {HKV} / D {D} (SmolLM2-135M), rows of {HELD} "
             f"tokens in pages of {PAGE}, eager; per_step_us = {LAYERS} layers. Triton's own launch cost is not "
-            "included in the rows with launches skipped (the kernels' launches are no-ops there). torch threads "
+            "included in the rows with launches skipped (the kernels' launches are no-ops there). "
+            + ("Times: the calling thread's CPU time. " if args.device == "cpu" else "Times: wall clock. ")
+            + "torch threads "
             f"{torch.get_num_threads()}; 1-minute load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at "
             "the end (other jobs shared the cores when it is above the thread count).")
     columns = ["B", "path", "us_per_layer", "p20_us", "p80_us", "per_step_us"]
