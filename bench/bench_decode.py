@@ -18,7 +18,8 @@ x D x 2 x dtype size), the same for every provider, so TB/s compare like times. 
 SmolLM2 head shape (H 9 / Hkv 3 / D 64) eagerly, as a decode step of that model runs.
 Targets (printed next to their rows, never asserted): paged step within 5% of the dense step at
 page_size >= 16; ragged attn at >= 90% of the copy bandwidth; attn+scores <= 1.05x attn.
-`--quick` runs tiny shapes on the CPU (C++ kernels, no flash anchors) to keep main() working.
+`--quick` runs tiny shapes on the CPU (C++ kernels, no flash anchors) to keep main() working;
+`--time-limit` leaves out the shapes not started by then (each shape compiles its kernel variants).
 """
 import argparse
 import time
