@@ -1,60 +1,38 @@
-"""End-to-end decode throughput at the shapes of Mistral-7B: a full cache on PyTorch's
-FlashAttention path against the library's squeezed caches (SqueezeKVCache + decode_step_),
-each at the largest batch that fits in GPU memory and at a common batch.
+"""End-to-end decode throughput of the paged engine under continuous batching, at the shapes of
+Mistral-7B: the library's pool without eviction (the paged full cache) against squeezed caches,
+every row serving the same stream of requests that arrive and finish.
 
     python -m bench.bench_e2e [--quick] [--device cuda|cpu]      (run by bench/device_check.sh)
 
-Model: the engine's LlamaRunner (squeeze_ops.llama) over a random model of 32 layers, hidden
-4096, 32 query / 8 KV heads, head dim 128, MLP 14336, vocab 32000, bf16: transformers'
-LlamaForCausalLM built on the device when transformers is installed, else a plain tree of
-tensors with the attribute names the runner reads. Weights N(0, 0.02), norms 1: throughput
-does not depend on the weights.
+Model: LlamaRunner over random weights (N(0, 0.02), norms 1) of 32 layers, hidden 4096, 32 query /
+8 KV heads, head dim 128, MLP 14336, vocab 32000, bf16: transformers' LlamaForCausalLM built on
+the device when transformers is installed, else a plain tree of tensors with its attribute names.
+Throughput does not depend on the weights.
 
-Prompts: per prompt length T, P = 2 random prompts are prefilled once through the library
-(prefill_attention with H2O column scores, add_rmsnorm_cossim similarities); every decoding
-batch is made of copies of them, so the squeezed budgets are those the real planner
-(plan_budgets via SqueezeKVCache.build; p = 0.35, k = 3) gives on that prefill.
-
-Decoding paths: the same runner, weights and non-attention compute; only the cache differs.
-  full       dense K/V [B, T + G + 1, Hkv, D] per layer; the new token is written at its
-             position, then attention by
-               sdpa_flash  SDPA pinned to the FlashAttention backend; the H / Hkv query heads
-                           of a KV head go in as that many query rows (GQA without copying
-                           K/V). It reads the whole fixed-length buffer (a CUDA graph needs
-                           static shapes): on average G / 2 more slots than are live, ~3% more
-                           attention reads at T = 2048; its output is not the exact attention
-               fa2_varlen  aten._flash_attention_forward, seqused_k = the live length (exact)
-               sdpa        (CPU) SDPA with a boolean mask of the live slots (exact)
-             the faster provider at the same batch is the baseline. Before the grid, the exact
-             provider's logits are compared with those of a SqueezeKVCache without budgets over
-             4 steps (a gap is announced loudly).
-  squeeze    SqueezeKVCache (one allocation, per-layer capacity = budget + 1) and decode_step_
-             per layer (append, attention, H2O scores, eviction), at total budgets b_init of
-             20%, 30% and 50% of the prompt, policies StreamingLLM (4 sinks) and H2O (heavy =
-             recent = half of each budget).
-A run: one eager warm-up step (it also compiles the Triton kernels), the step (greedy: the
-argmax is fed back inside the step) captured in a CUDA graph, then G = 128 timed steps. If
-capture fails the run is timed eager and says so loudly. Tokens/s = B * G / time.
-Attention vs the rest: the same step at the same batch with attention and its cache update
-replaced by the identity (the rest); attention = step - rest.
-Max batch: (free memory - 1 GiB - 1%) // (KV bytes per sequence + an estimate of its share of
-the step's temporaries), verified by running it; on an out-of-memory error 3% fewer, again.
-KV per sequence: the full cache's K/V; the squeezed cache's K/V plus its side tables
-(slot positions, scores, lengths). Saved = 1 - that / the K/V of T + G tokens.
-
-Grid, kept lean for about 5 minutes of H100 time, in this order (runs that would pass
---time-limit are skipped and listed): T 2048: full (both providers); squeeze 30%, 20% (both
-policies, max and common batch); T 4096: full, squeeze 30%; T 2048 squeeze 50%. Cut: window
-policy, 20% / 50% at T 4096, the uniform (p = 1) allocation, the ideal bound (SDPA over
-uniformly shortened dense caches: see the anchors), and repeated runs.
-`--quick`: 4 layers, hidden 256, 4/2 heads, D 64, MLP 512, vocab 1000, prompt 64, 8 generated
-tokens, a 16 MiB memory limit; on CPU (fp32, eager, exact masked SDPA) or GPU.
+Workload (Workload): request i has a distinct random prompt of U[T/2, 3T/2] tokens (T = 2048) and
+U[G/2, 3G/2] new tokens (G = 128), the same list for every row. Requests arrive as the server
+takes them: `queue` of them always wait (a closed loop, sized per row by auto_queue), so the pool,
+not the arrivals, bounds the batch; each admission prefills what fits (reserving pages first),
+retirements free pages.
+Serving (serve): one PagePool sized from the free memory (--memory-limit-mib caps it), one
+SqueezeKVCache, ContinuousBatcher (on a GPU with DecodeGraphs: CUDA graphs per batch width; a step
+that captures is left out of the timing). Once the pool has filled (a request waited for pages),
+`window` decode steps are measured: decode tok/s = their tokens / their time (admissions and
+prefills excluded); served tok/s = every token emitted in the window / its wall time.
+Rows: the paged full cache (settings None; window policy: nothing is evicted or scored); then per
+budget (30%, 20% of the prompt) and policy (h2o, streaming): uniform, and SqueezeAttention's
+squeeze p = 0.35 at the same KV held. Per row: peak admitted batch; KV held (the rows' budgets) and
+allocated (pages) per sequence at the peak, from MemoryReport; x_full = decode tok/s / the full
+row's (the same sequences).
+Ideal bound (ideal_tok_s): the same decode step over dense caches of the row's mean held length
+per sequence (+ 1 slot for the new token), attention by SDPA (FlashAttention backend on a GPU), no
+pages, eviction or scores, at the batch the same pool bytes hold, in a CUDA graph on a GPU;
+ideal_x = that / the full row's ideal.
+Target (printed, never asserted): >= 2.2x decode tok/s over the paged full cache at 30% KV held.
+`--quick`: a 4-layer toy model (hidden 256, 4/2 heads, D 64), T 64, G 8, a 2 MiB pool; CPU or GPU.
 """
 import argparse
-import functools
 import gc
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -64,10 +42,12 @@ import torch
 import torch.nn.functional as F
 
 import squeeze_ops  # noqa: F401  (registers torch.ops.squeeze.*)
-from bench.common import environment, sync, time_us, write_table
-from squeeze_ops.engine.cache import PrefillRecord, SqueezeKVCache
+from bench.common import clear_of_pages, environment, sync, time_us, write_table
+from squeeze_ops.engine.batching import ContinuousBatcher, DecodeGraphs
+from squeeze_ops.engine.cache import SqueezeKVCache
+from squeeze_ops.engine.policies import SequencePolicy, SqueezeSettings
+from squeeze_ops.engine.pool import PagePool
 from squeeze_ops.models.llama import LlamaRunner
-from squeeze_ops.engine.policies import PrefillNeeds, SequencePolicy, SqueezeSettings
 
 
 @dataclass(frozen=True)
@@ -85,22 +65,13 @@ class Shape:
 
 MISTRAL_7B = Shape(32, 4096, 32, 8, 128, 14336, 32000)
 TOY = Shape(4, 256, 4, 2, 64, 512, 1000)
-
 POLICIES = {"h2o": SequencePolicy.h2o(), "streaming": SequencePolicy.streaming(4)}
 SQUEEZE_P = 0.35  # the paper's p is 0.3-0.4 (Mistral-7B: ~0.38)
-NUM_PROMPTS = 2
-GIB = 1 << 30
-MIB = 1 << 20
-
-# H100 anchors of the issue (same shapes, random bf16 weights, CUDA graphs, T 2048 + 128).
-ANCHOR_FULL = "H100: batch 228, 36.5 ms/step, 6,245 tok/s"
-IDEAL = {  # (budget, batch kind) -> the ideal bound on the H100 (SDPA over shortened dense caches)
-    (0.3, "max"): "ideal 2.45x (batch 807)", (0.2, "max"): "ideal 2.93x (batch 1211)",
-    (0.3, "common"): "ideal 2.02x (batch 228)",
-}
-TARGETS = {(0.3, "max"): 2.2, (0.2, "max"): 2.6, (0.3, "common"): 1.8}  # x over the baseline (H100, T 2048)
-SAVED_TARGET = (0.3, 65.0)  # at a 30% budget, >= 65% of the KV saved per sequence
-PAPER = "paper: up to 2.2x decode tokens/s at batch 224 (Mistral-7B, A100) vs the full cache; 30-70% KV saved"
+TARGET = (0.3, 2.2)  # at 30% KV held, >= 2.2x the paged full cache's decode tokens/s
+MIB, GIB = 1 << 20, 1 << 30
+QUEUE_MAX = 16  # requests waiting at most: an admission's prefill holds up to 16 x 3T/2 tokens
+# CUDA graph widths: powers of two, then steps of 128 (a step replays the smallest that holds the batch).
+WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256) + tuple(range(384, 8193, 128))
 
 
 # ---- the model ----
@@ -168,156 +139,42 @@ def _tensor_model(shape, device, dtype):
     return SimpleNamespace(config=config, model=body, lm_head=linear(shape.vocab, d))
 
 
-# ---- caches: the full-cache baseline, the identity (for the rest), the squeezed cache ----
+# ---- workload and memory ----
 
 
-def _sdpa_flash(q, k, v, cache, scale):
-    B, H, D = q.shape
-    Hkv = k.shape[2]
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-        out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), k.transpose(1, 2), v.transpose(1, 2),
-                                             scale=scale)
-    return out.reshape(B, H, D)
+class Workload:
+    """The request stream of every row: request i (deterministic in i and seed) has a distinct
+    random prompt of U[T/2, 3T/2] tokens and U[G/2, 3G/2] new tokens (at least 1). Prompt
+    lengths keep clear of horizons on page boundaries (common.clear_of_pages)."""
+
+    def __init__(self, prompt_len, new_tokens, vocab, page_size, seed=0):
+        self.prompt_len, self.new_tokens, self.vocab, self.page_size, self.seed = (prompt_len, new_tokens, vocab,
+                                                                                     page_size, seed)
+
+    def request(self, i):
+        """(prompt int64 [n], max_new_tokens) of request i."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        T, G = self.prompt_len, self.new_tokens
+        new = int(torch.randint(max(1, G // 2), 3 * G // 2 + 1, (), generator=g))
+        n = clear_of_pages(int(torch.randint(T // 2, 3 * T // 2 + 1, (), generator=g)), new - 1, self.page_size)
+        return torch.randint(0, self.vocab, (n,), generator=g), new
 
 
-def _fa2_varlen(q, k, v, cache, scale):
-    B, N, Hkv, D = k.shape
-    return torch.ops.aten._flash_attention_forward(
-        q, k.view(B * N, Hkv, D), v.view(B * N, Hkv, D), cache.cu_q, cache.cu_k, 1, N, 0.0, False, False,
-        scale=scale, seqused_k=cache.live)[0]
+def page_bytes(runner, page_size):
+    """Bytes of one pool page: K and V slots in the model's dtype, an int32 position and an fp32
+    score per slot (PagePool.page_bytes)."""
+    return page_size * (2 * runner.head_dim * runner.dtype.itemsize + 8)
 
 
-def _sdpa_masked(q, k, v, cache, scale):
-    B, H, D = q.shape
-    Hkv = k.shape[2]
-    out = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=cache.mask, scale=scale)
-    return out.reshape(B, H, D)
-
-
-FULL_PROVIDERS = {"sdpa_flash": _sdpa_flash, "fa2_varlen": _fa2_varlen, "sdpa": _sdpa_masked}
-
-
-class DenseKVCache:
-    """The full-cache baseline, driven by LlamaRunner.decode like a SqueezeKVCache (attend,
-    advance, positions). Per layer K/V [B, N, Hkv, D], token-major as FlashAttention reads
-    them; the prompt fills slots 0..T-1, the token at position p goes to slot p, nothing is
-    evicted. Every per-step index (write row, live length, mask) is updated on the device."""
-
-    def __init__(self, batch, slots, prompt_len, num_layers, num_kv_heads, head_dim, dtype, device, provider):
-        self.attention = FULL_PROVIDERS[provider]
-        shape = (batch, slots, num_kv_heads, head_dim)
-        # Zeroed: sdpa_flash reads the slots not written yet, which must hold finite values.
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.positions = torch.full((batch,), prompt_len, dtype=torch.int32, device=device)
-        i32 = dict(dtype=torch.int32, device=device)
-        self.cu_q = torch.arange(batch + 1, **i32)
-        self.cu_k = torch.arange(batch + 1, **i32) * slots
-        self.live = torch.empty(batch, **i32)
-        self._row0 = torch.arange(batch, dtype=torch.int64, device=device) * slots
-        self._rows = torch.empty(batch, dtype=torch.int64, device=device)
-        self._slot = torch.arange(slots, device=device)
-        self.mask = torch.empty(batch, 1, 1, slots, dtype=torch.bool, device=device) if provider == "sdpa" else None
-        self._update()
-
-    @classmethod
-    def from_prompts(cls, record, batch, slots, provider, device):
-        """Sequence b holds prompt b % P of the (host) PrefillRecord of P equal-length prompts."""
-        T, P = record.prompt_lens[0], len(record.prompt_lens)
-        _, Hkv, D = record.keys[0].shape
-        cache = cls(batch, slots, T, record.num_layers, Hkv, D, record.keys[0].dtype, device, provider)
-        for dst_k, dst_v, k, v in zip(cache.k_cache, cache.v_cache, record.keys, record.values):
-            for p in range(P):
-                dst_k[p::P, :T].copy_(k[p * T : (p + 1) * T].to(device))
-                dst_v[p::P, :T].copy_(v[p * T : (p + 1) * T].to(device))
-        return cache
-
-    def _update(self):
-        torch.add(self._row0, self.positions, out=self._rows)
-        torch.add(self.positions, 1, out=self.live)
-        if self.mask is not None:
-            torch.lt(self._slot, self.live[:, None, None, None], out=self.mask)
-
-    def attend(self, layer, q, k_new, v_new, scale):
-        k, v = self.k_cache[layer], self.v_cache[layer]
-        B, N, Hkv, D = k.shape
-        k.view(B * N, Hkv, D).index_copy_(0, self._rows, k_new)
-        v.view(B * N, Hkv, D).index_copy_(0, self._rows, v_new)
-        return self.attention(q, k, v, self, scale)
-
-    def advance(self):
-        self.positions += 1
-        self._update()
-
-    @property
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)
-
-
-class NoAttention:
-    """Attention and its cache update replaced by the identity on q: timing the runner's step
-    over it gives the non-attention part of a decode step at that batch."""
-
-    def __init__(self, batch, prompt_len, device):
-        self.positions = torch.full((batch,), prompt_len, dtype=torch.int32, device=device)
-
-    def attend(self, layer, q, k_new, v_new, scale):
-        return q
-
-    def advance(self):
-        self.positions += 1
-
-
-def tile_cache(small, batch, full_tokens):
-    """A SqueezeKVCache of `batch` sequences, sequence b a copy of sequence b % P of `small`
-    (built by SqueezeKVCache.build over P prompts, so its budgets come from the planner);
-    full_tokens: prompt + tokens to generate, for its memory report.
-
-    Copying the compressed layers costs no temporary memory; building the batch directly with
-    build(source=...) would first gather one layer's full prompt K/V for every sequence,
-    which does not fit next to a cache of the largest batch.
-    """
-    P = small.batch
-    rows = torch.arange(batch, device=small.budgets.device) % P
-    plan = (small.similarity[rows], small.labels[rows], small.centroids[rows])
-    _, Hkv, _, D = small.k_cache[0].shape
-    big = SqueezeKVCache(small.policy, small.budgets[rows], small.planned[rows], plan, small.positions[rows],
-                         Hkv, D, small.kv.dtype, full_tokens)
-    for p in range(P):
-        for layer, capacity in enumerate(big.capacities):  # smaller than small's when batch < P
-            big.lens[layer][p::P].copy_(small.lens[layer][p : p + 1])
-            for name in ("k_cache", "v_cache", "slot_pos", "scores"):
-                getattr(big, name)[layer][p::P].copy_(getattr(small, name)[layer][p : p + 1, :, :capacity])
-    return big
-
-
-def _record_on(record, device):
-    return PrefillRecord(record.prompt_lens, record.cu_seqlens.to(device), record.cos_sum.to(device),
-                         [k.to(device) for k in record.keys], [v.to(device) for v in record.values],
-                         [s.to(device) for s in record.scores], needs=record.needs)
-
-
-def prefill(runner, prompt_len, num_prompts, vocab):
-    """Full-attention prefill (with H2O scores) of num_prompts random prompts of prompt_len
-    tokens. Returns the PrefillRecord moved to the host (it is copied back per cache build,
-    so it takes no device memory while batches are sized) and the first greedy tokens [P]."""
-    gen = torch.Generator().manual_seed(prompt_len)
-    prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen) for _ in range(num_prompts)]
-    record, logits = runner.prefill(prompts, PrefillNeeds(score_queries=0))
-    if not torch.isfinite(logits).all():
-        raise RuntimeError("prefill produced non-finite logits")
-    return _record_on(record, "cpu"), logits.argmax(-1)
-
-
-# ---- memory ----
-
-
-class OutOfMemory(RuntimeError):
-    """A run needs more than the memory limit given to the harness (toy runs on CPU)."""
-
-
-OOM_ERRORS = (torch.cuda.OutOfMemoryError, OutOfMemory)
+def free_bytes(device, shape, elt, prefill_tokens):
+    """What a pool may take on the GPU: the free memory less 2 GiB and 5% (workspaces, the CUDA
+    graphs' temporaries, fragmentation) and 1.25 x an estimate of the peak temporaries of a
+    prefill over prefill_tokens tokens (the hidden state, its fp32 norm, q/k/v with their RoPE
+    copies, the MLP's four I-wide tensors)."""
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    qkv = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
+    per_token = elt * (2 * shape.hidden + 2 * qkv + 4 * shape.mlp) + 4 * shape.hidden
+    return int(free * 0.95) - 2 * GIB - int(1.25 * prefill_tokens * per_token)
 
 
 def release():
@@ -326,473 +183,303 @@ def release():
         torch.cuda.empty_cache()
 
 
-class Memory:
-    """Bytes a decoding run may fill with its cache and the step's temporaries: the GPU's free
-    memory (less 1 GiB and 1% for workspaces and fragmentation), capped by `limit` when given;
-    on CPU `limit` itself, and exceeding it raises OutOfMemory like the GPU's allocator."""
-
-    def __init__(self, device, limit=None):
-        if torch.device(device).type != "cuda" and limit is None:
-            raise ValueError("limit: expected a memory limit in bytes for a CPU run")
-        self.device, self.limit = torch.device(device), limit
-
-    def available(self):
-        release()
-        if self.device.type != "cuda":
-            return self.limit
-        free = torch.cuda.mem_get_info(self.device)[0]
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        free -= GIB + free // 100
-        return free if self.limit is None else min(free, self.limit)
-
-    def check(self, held):
-        if self.limit is not None and held > self.limit:
-            raise OutOfMemory(f"{held} bytes needed, limit {self.limit}")
+# ---- serving ----
 
 
-def step_temporaries(shape, elt, attention_scratch):
-    """Upper estimate of one sequence's share of a decode step's temporaries, in bytes: the
-    largest live set of a layer (the norm in fp32, q/k/v with their RoPE copies, or the MLP's
-    four I-wide tensors) + the logits + the attention's own scratch, x 1.25 for rounding."""
-    qkv = (shape.heads + 2 * shape.kv_heads) * shape.head_dim
-    live = elt * (2 * shape.hidden + max(5 * qkv, 4 * shape.mlp) + shape.vocab) + 4 * 3 * shape.hidden
-    return int(1.25 * (live + attention_scratch))
+class DecodeClock:
+    """Times a ContinuousBatcher's decode steps: the stand-ins `runner(r)` and `graphs(g)` take
+    the place of the runner and of DecodeGraphs in the batcher and record, per step, its batch,
+    its synchronised wall time and whether it captured a CUDA graph (the first step at a width
+    and table version: DecodeGraphs captures then; such steps are left out of the timing)."""
 
+    def __init__(self, device):
+        self.device = device
+        self.steps = []  # (batch, seconds, captured)
+        self._captured = set()
 
-def find_max_batch(per_sequence, available, run, shrink=0.97, attempts=5):
-    """The largest batch that fits: available // per_sequence, verified by running it
-    (run(batch) allocates the cache, captures and times the step); after an out-of-memory
-    error 3% fewer, up to `attempts` tries. Returns (batch, run's result, tries)."""
-    batch = available // per_sequence
-    for tries in range(1, attempts + 1):
-        if batch < 1:
-            break
-        try:
-            return batch, run(batch), tries
-        except OOM_ERRORS as err:
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-        # Released outside the except block: its traceback keeps the failed run's tensors alive.
-        release()
-        print(f"    batch {batch} does not fit ({reason}); trying fewer", flush=True)
-        batch = min(batch - 1, int(batch * shrink))
-    raise RuntimeError(f"no batch fits: {available} bytes available, {per_sequence} bytes per sequence")
-
-
-# ---- decoding runs ----
-
-
-def loud(message):
-    bar = "!" * 78
-    print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr, flush=True)
-
-
-def _capture(step):
-    """The step captured in a CUDA graph: (graph, "cuda graph"), or (None, why) when capture
-    fails, announced loudly; the caller then runs the step eagerly."""
-    sync("cuda")
-    torch.cuda.empty_cache()  # the warm-up's temporaries go back to the device for the graph's pool
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            step()
-    except OOM_ERRORS:
-        raise
-    except Exception as err:  # noqa: BLE001  (any capture failure falls back to eager, loudly)
-        why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        loud(f"CUDA graph capture of the decode step FAILED; timing it EAGER instead.\n{why}")
-        sync("cuda")
-        return None, f"EAGER (capture failed: {type(err).__name__})"
-    return graph, "cuda graph"
-
-
-def prepare_step(runner, cache, first_tokens, use_graph):
-    """Greedy decode step over `cache` (the argmax fed back in place), warmed up once eagerly
-    (on a side stream on the GPU, which also compiles the Triton kernels), then captured when
-    use_graph. Returns (run_one_step, tokens [B], mode)."""
-    tokens = first_tokens.clone()
-
-    def step():
-        tokens.copy_(runner.decode(cache, tokens).argmax(-1))
-
-    device = tokens.device
-    if device.type != "cuda":
-        step()
-        return step, tokens, "eager (cpu)"
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    if not use_graph:
-        return step, tokens, "eager (--no-graph)"
-    graph, mode = _capture(step)
-    return (graph.replay if graph is not None else step), tokens, mode
-
-
-def time_decode(runner, cache, first_tokens, steps, use_graph):
-    """One warm-up step, then `steps` timed greedy steps. Returns dict(seconds, tokens
-    int64 [steps, B] (the greedy tokens of the timed steps), mode)."""
-    run, tokens, mode = prepare_step(runner, cache, first_tokens, use_graph)
-    history = torch.empty(steps, tokens.shape[0], dtype=torch.long, device=tokens.device)
-    sync(tokens.device)
-    start = time.perf_counter()
-    for i in range(steps):
-        run()
-        history[i].copy_(tokens)
-    sync(tokens.device)
-    return dict(seconds=time.perf_counter() - start, tokens=history, mode=mode)
-
-
-def full_cache_agreement(runner, record, first_tokens, provider, steps, device):
-    """Largest |logit difference| / largest |logit| between the dense full cache with `provider`
-    and the library's SqueezeKVCache without budgets (nothing evicted), over `steps` greedy
-    steps fed the same tokens from the same prefill: the baseline attends like decode_step_."""
-    T, P = record.prompt_lens[0], len(record.prompt_lens)
-    dense = DenseKVCache.from_prompts(record, P, T + steps, provider, device)
-    full = SqueezeKVCache.build(_record_on(record, device), POLICIES["h2o"], None, steps)
-    tokens, worst = first_tokens, 0.0
-    for _ in range(steps):
-        ours, theirs = runner.decode(full, tokens), runner.decode(dense, tokens)
-        worst = max(worst, float((ours.float() - theirs.float()).abs().max() / ours.float().abs().max()))
-        tokens = ours.argmax(-1)
-    return worst
-
-
-def _tile(tokens, batch):
-    return tokens.repeat(math.ceil(batch / tokens.shape[0]))[:batch].contiguous()
-
-
-def _cache_bytes(cache):
-    """Bytes a cache holds for its sequences: K/V, plus a SqueezeKVCache's side tables."""
-    if isinstance(cache, DenseKVCache):
-        return cache.nbytes
-    mem = cache.memory()
-    return mem.kv_total + mem.metadata
-
-
-def _check_state(cache, position):
-    """After the warm-up and the timed steps every sequence is at `position`, and a squeezed
-    cache holds exactly its budget in every layer (each step appended one token, evicted one)."""
-    if not bool((cache.positions == position).all()):
-        raise RuntimeError(f"positions: expected {position} everywhere, got {cache.positions.unique().tolist()}")
-    if isinstance(cache, SqueezeKVCache):
-        for layer, lens in enumerate(cache.lens):
-            if not torch.equal(lens, cache.budgets[:, layer]):
-                raise RuntimeError(f"layer {layer}: lens differ from the budgets after decoding")
-
-
-@dataclass
-class Prompt:
-    """One prompt length's prefill (on the host) and its full-cache baseline once measured."""
-
-    length: int
-    record: PrefillRecord
-    first: torch.Tensor  # first greedy token of each prompt [P]
-    provider: str = ""  # the baseline's provider (the fastest full-cache one)
-    max_batch: int = 0  # the baseline's max batch
-    common_batch: int = 0  # the batch every path is also measured at
-    tok_s: dict = None  # baseline tokens/s by batch
-
-
-class Harness:
-    """Runs the grid on one model (see the module docstring). `rows` collects a dict per timed
-    run, `skipped` the jobs the time limit left out; `log` receives a line per run."""
-
-    def __init__(self, runner, shape, device, memory, steps, use_graph=True, time_limit=None, log=print):
-        self.runner, self.shape, self.device, self.memory = runner, shape, torch.device(device), memory
-        self.steps, self.use_graph, self.log = steps, use_graph, log
-        self.elt = runner.dtype.itemsize
-        self.deadline = None if time_limit is None else time.monotonic() + time_limit
-        self.longest = 0.0
-        self.rows, self.skipped = [], []
-        self._prompts, self._rest = {}, {}
-
-    def prompt(self, length):
-        if length not in self._prompts:
-            self.log(f"prompt {length}: prefill of {NUM_PROMPTS} random prompts")
-            self._prompts[length] = Prompt(length, *prefill(self.runner, length, NUM_PROMPTS, self.shape.vocab))
-        return self._prompts[length]
-
-    def full_kv_bytes(self, prompt_len):
-        """K/V bytes of one sequence holding its prompt and every generated token."""
-        s = self.shape
-        return s.layers * 2 * s.kv_heads * s.head_dim * (prompt_len + self.steps) * self.elt
-
-    def _time_left(self, label):
-        """False, and the job listed as skipped, when a run as long as the longest so far would
-        pass the deadline."""
-        if self.deadline is not None and time.monotonic() + 1.3 * self.longest > self.deadline:
-            self.skipped.append(label)
-            self.log(f"  skipped (time limit): {label}")
-            return False
-        return True
-
-    def _timed(self, fn, *args):
-        start = time.monotonic()
+    def _time(self, batch, captured, fn, *args):
+        sync(self.device)
+        start = time.perf_counter()
         out = fn(*args)
-        self.longest = max(self.longest, time.monotonic() - start)
+        sync(self.device)
+        self.steps.append((batch, time.perf_counter() - start, captured))
         return out
 
-    def rest_ms(self, prompt, batch):
-        """ms per step of the runner over NoAttention at this batch (measured once per batch)."""
-        if batch not in self._rest:
-            release()
-            cache = NoAttention(batch, prompt.length, self.device)
-            run, _, _ = prepare_step(self.runner, cache, _tile(prompt.first, batch), self.use_graph)
-            self._rest[batch] = time_us(run, self.device, rep=10)[0] / 1e3
-            del run, cache
-            release()
-        return self._rest[batch]
+    def runner(self, runner):
+        def decode(cache, tokens):
+            return self._time(len(tokens), False, runner.decode, cache, tokens)
 
-    def _run(self, prompt, make_cache, temporaries, batch):
-        """Allocates the cache of `batch` sequences (held against the memory limit with
-        `temporaries` bytes per sequence for the step), times the decode, checks the cache's
-        state after it. Returns dict(seconds, mode, kv_bytes per sequence)."""
-        cache = make_cache(batch)
-        self.memory.check(_cache_bytes(cache) + batch * temporaries)
-        result = time_decode(self.runner, cache, _tile(prompt.first, batch), self.steps, self.use_graph)
-        _check_state(cache, prompt.length + self.steps + 1)
-        tokens = result.pop("tokens")
-        if tokens.shape != (self.steps, batch) or not bool(((tokens >= 0) & (tokens < self.shape.vocab)).all()):
-            raise RuntimeError(f"decode produced {tuple(tokens.shape)} tokens, expected {(self.steps, batch)} "
-                               f"in [0, {self.shape.vocab})")
-        result["kv_bytes"] = _cache_bytes(cache) / batch
-        del cache
-        release()
-        return result
+        return SimpleNamespace(device=runner.device, prefill=runner.prefill, decode=decode)
 
-    def _row(self, prompt, path, kind, batch, tries, result, base_tok_s, **extra):
-        rest = self.rest_ms(prompt, batch)
-        step_ms = 1e3 * result["seconds"] / self.steps
-        tok_s = batch * self.steps / result["seconds"]
-        row = dict(prompt=prompt.length, path=path, batch_kind=kind, batch=batch, tries=tries, mode=result["mode"],
-                   step_ms=step_ms, attn_ms=step_ms - rest, rest_ms=rest, tok_s=tok_s, x_base=tok_s / base_tok_s,
-                   kv_mib_seq=result["kv_bytes"] / MIB,
-                   saved_pct=100.0 * (1.0 - result["kv_bytes"] / self.full_kv_bytes(prompt.length)),
-                   tokens=batch * self.steps, **extra)
-        self.rows.append(row)
-        self.log(f"  {path:30s} {kind:6s} batch {batch:5d} ({row['mode']}): {step_ms:8.2f} ms/step (attention "
-                 f"{row['attn_ms']:.2f}, rest {rest:.2f}), {tok_s:10.1f} tok/s, x{row['x_base']:.2f}, "
-                 f"KV {row['kv_mib_seq']:.3f} MiB/seq ({row['saved_pct']:.1f}% saved)")
-        return row
+    def graphs(self, graphs):
+        def decode(tokens):
+            width = next((w for w in graphs.widths if w >= len(tokens)), None)
+            before = graphs.cache.version
+            out = self._time(len(tokens), False, graphs.decode, tokens)
+            # A step that grew the tables (begin_step) captured at the new version too.
+            captured = width is not None and ((width, before) not in self._captured or graphs.cache.version != before)
+            self._captured.update({(width, before), (width, graphs.cache.version)})
+            self.steps[-1] = (*self.steps[-1][:2], captured)
+            return out
 
-    def run_full(self, length, providers, common_batch=None):
-        """The full cache with each provider, the first that runs at its max batch (found), the
-        others at the same batch; the fastest is the baseline. The common batch is its max
-        batch unless given, in which case the baseline also runs there."""
-        prompt = self.prompt(length)
-        s = self.shape
-        slots = length + self.steps + 1
-        temporaries = step_temporaries(s, self.elt, 4 * s.heads * (s.head_dim + 1) + slots)  # out, lse, mask
-        per_seq = s.layers * 2 * slots * s.kv_heads * s.head_dim * self.elt + temporaries
-        results, batch = {}, None
-        for name in providers:
-            if not self._time_left(f"T {length} full {name}"):
-                continue
-            run = functools.partial(self._run, prompt, self._dense(prompt, slots, name), temporaries)
-            try:
-                if batch is None:
-                    batch, result, tries = self._timed(find_max_batch, per_seq, self.memory.available(), run)
-                else:
-                    result, tries = self._timed(run, batch), 1
-                results[name] = (tries, result)
-            except OOM_ERRORS:
-                raise
-            except (RuntimeError, TypeError) as err:  # a provider this torch build lacks
-                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-            if name not in results:
-                release()
-                loud(f"full-cache provider {name} FAILED, left out: {reason}")
-        if not results:
-            return
-        prompt.provider = min(results, key=lambda n: results[n][1]["seconds"])
-        prompt.max_batch = batch
-        prompt.common_batch = common_batch or batch
-        prompt.tok_s = {batch: batch * self.steps / results[prompt.provider][1]["seconds"]}
-        anchor = ANCHOR_FULL if length == 2048 else ""
-        for name, (tries, result) in results.items():
-            path = f"full {name}" + (" (baseline)" if name == prompt.provider else "")
-            self._row(prompt, path, "max", batch, tries, result, prompt.tok_s[batch], anchor=anchor, target="")
-        common = prompt.common_batch
-        if common != batch and self._time_left(f"T {length} full at the common batch"):
-            result = self._timed(self._run, prompt, self._dense(prompt, slots, prompt.provider), temporaries, common)
-            prompt.tok_s[common] = common * self.steps / result["seconds"]
-            self._row(prompt, f"full {prompt.provider} (baseline)", "common", common, 1, result, prompt.tok_s[common],
-                      anchor="", target="")
-
-    def _dense(self, prompt, slots, provider):
-        """batch -> a DenseKVCache of that many copies of the prompts."""
-        return functools.partial(DenseKVCache.from_prompts, prompt.record, slots=slots, provider=provider,
-                                 device=self.device)
-
-    def run_squeeze(self, length, budget, policy_name):
-        """SqueezeKVCache at total budget `budget` (b_init) under the policy, at its max batch
-        and at the common batch, each against the baseline (at its max batch / the same batch)."""
-        prompt = self.prompt(length)
-        label = f"T {length} squeeze {policy_name} {budget:.0%}"
-        if not prompt.provider:
-            self.skipped.append(f"{label} (no baseline)")
-            return
-        if not self._time_left(label):
-            return
-        s, policy = self.shape, POLICIES[policy_name]
-        small = SqueezeKVCache.build(_record_on(prompt.record, self.device), policy,
-                                     SqueezeSettings.squeeze(b_init=budget, p=SQUEEZE_P), self.steps + 1)
-        capacity = max(small.capacities)
-        # decode_step_'s scratch: partial outputs of at most capacity / 128 splits, and the H2O logits.
-        scratch = 4 * s.heads * (s.head_dim + 1) * math.ceil(capacity / 128)
-        scratch += 4 * s.heads * capacity if policy.needs_scores else 0
-        temporaries = step_temporaries(s, self.elt, scratch)
-        per_seq = _cache_bytes(small) // small.batch + temporaries
-        full_tokens = length + self.steps + 1
-
-        run = functools.partial(self._run, prompt, functools.partial(tile_cache, small, full_tokens=full_tokens),
-                                temporaries)
-        path = f"squeeze {policy_name} {budget:.0%}"
-        # Capacity is the max over the batch of each layer's budget (+ 1): where the prompts' plans
-        # differ, a sequence is allocated more slots than its own budgets need (alloc_x > 1).
-        plan_tokens = float(small.budgets.sum(1).double().mean())
-        info = dict(budget=budget, policy=policy_name, capacities=small.capacities, plan_tokens=plan_tokens,
-                    alloc_x=sum(small.capacities) / (plan_tokens + small.num_layers))
-        batch, result, tries = self._timed(find_max_batch, per_seq, self.memory.available(), run)
-        self._squeeze_row(prompt, path, "max", batch, tries, result, prompt.tok_s[prompt.max_batch], info)
-        common = prompt.common_batch
-        if common in prompt.tok_s and common < batch and self._time_left(f"{label} at the common batch"):
-            result = self._timed(run, common)
-            self._squeeze_row(prompt, path, "common", common, 1, result, prompt.tok_s[common], info)
-        del small
-        release()
-
-    def _squeeze_row(self, prompt, path, kind, batch, tries, result, base_tok_s, info):
-        key, anchor, target = (info["budget"], kind), "", ""
-        if prompt.length == 2048 and key in TARGETS:
-            anchor, target = IDEAL[key], f">= {TARGETS[key]}x"
-            if key == (SAVED_TARGET[0], "max"):
-                target += f", >= {SAVED_TARGET[1]:g}% saved"
-        self._row(prompt, path, kind, batch, tries, result, base_tok_s, anchor=anchor, target=target, **info)
+        return SimpleNamespace(decode=decode)
 
 
-# ---- the grid ----
+def auto_queue(pool_pages, shape, page_size, workload, b_init):
+    """Requests kept waiting so that arrivals outpace retirements (Little's law with a margin):
+    1.5 x the sequences the pool holds at b_init (None: the full cache) / the mean new tokens,
+    within [2, QUEUE_MAX] (an admission prefills up to that many prompts at once)."""
+    T, G = workload.prompt_len, max(1, workload.new_tokens)
+    slots = T + G if b_init is None else b_init * T + 1
+    per_sequence = shape.layers * shape.kv_heads * -(-int(slots) // page_size)
+    return min(QUEUE_MAX, max(2, -(-3 * (pool_pages // per_sequence) // (2 * G))))
 
 
-def make_grid(prompts, budgets):
-    """Jobs in priority order: the first prompt length's baseline and first two budgets, each
-    later length's baseline and first budget, then the first length's remaining budgets.
-    Defaults: T 2048 full, 30%, 20%; T 4096 full, 30%; T 2048 50%."""
-    first = prompts[0]
-    grid = [(first, "full")] + [(first, b) for b in budgets[:2]]
-    for length in prompts[1:]:
-        grid += [(length, "full"), (length, budgets[0])]
-    return grid + [(first, b) for b in budgets[2:]]
+def serve(runner, cache, workload, settings, queue, window, use_graphs, fill_steps):
+    """Serves the workload's requests under `settings` on `cache` (see the module docstring): the
+    window of `window` timed decode steps opens once the pool has filled (a request waited for
+    pages), or after fill_steps steps if it never does (the arrivals bound the batch then).
+    Returns dict(decode_s, decode_tokens, served_s, served_tokens (the window's), peak_batch,
+    report (MemoryReport at the peak batch), filled, captures, outputs {request index: int64
+    tokens of each finished request})."""
+    clock = DecodeClock(cache.device)
+    graphs = clock.graphs(DecodeGraphs(runner, cache, WIDTHS)) if use_graphs else None
+    batcher = ContinuousBatcher(clock.runner(runner), cache, graphs=graphs)
+    submitted, steps, peak, report, filled = 0, 0, 0, None, False
+    first, served_s, served_tokens = None, 0.0, 0  # the window: from the step after it opened
+    while first is None or sum(1 for s in clock.steps[first:] if not s[2]) < window:
+        while len(batcher.queue) < queue:
+            prompt, new_tokens = workload.request(submitted)
+            batcher.submit(prompt, settings, new_tokens)
+            submitted += 1
+        start = time.perf_counter()
+        emitted = batcher.step()
+        steps += 1
+        if first is not None:
+            served_s += time.perf_counter() - start
+            served_tokens += len(emitted)
+        filled = filled or bool(batcher.queue and cache.batch)  # a request waits for pages: the pool is full
+        if first is None and (filled or steps >= fill_steps):
+            first = len(clock.steps)
+        if cache.batch > peak:
+            peak, report = cache.batch, cache.memory()
+    timed = [s for s in clock.steps[first:] if not s[2]]
+    return dict(decode_s=sum(s[1] for s in timed), decode_tokens=sum(s[0] for s in timed), served_s=served_s,
+                served_tokens=served_tokens, peak_batch=peak, report=report, filled=filled,
+                captures=sum(s[2] for s in clock.steps), outputs=dict(batcher.finished))
 
 
-def run_grid(harness, grid, providers, policies, common_batch=None, after_job=None):
-    """Runs the grid's jobs in order, calling after_job() after each. Returns harness.rows."""
-    for length, job in grid:
-        if job == "full":
-            harness.run_full(length, providers, common_batch)
-        else:
-            for policy in policies:
-                harness.run_squeeze(length, job, policy)
-        if after_job is not None:
-            after_job()
-    return harness.rows
+# ---- the ideal bound ----
 
 
-COLUMNS = ["prompt", "path", "batch_kind", "batch", "tries", "mode", "step_ms", "attn_ms", "rest_ms", "tok_s",
-           "x_base", "kv_mib_seq", "saved_pct", "alloc_x", "anchor", "target"]
+class DenseRows:
+    """Dense caches of one length for the ideal bound, driven by LlamaRunner.decode_rows: per
+    layer K/V [B, Hkv, n, D]; the new token is written into the last slot and attended with the
+    others by SDPA (the FlashAttention backend on a GPU; GQA as G query rows per KV head). Only
+    the speed means anything: positions stay put."""
+
+    def __init__(self, batch, slots, shape, dtype, device):
+        size = (batch, shape.kv_heads, slots, shape.head_dim)
+        self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
+        self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
+        self._positions = torch.full((batch,), slots - 1, dtype=torch.int32, device=device)  # read by decode_rows
+        self.flash = torch.device(device).type == "cuda"
+
+    def attend(self, layer, q, k_new, v_new, scale):
+        k, v = self.k[layer], self.v[layer]
+        k[:, :, -1] = k_new
+        v[:, :, -1] = v_new
+        B, H, D = q.shape
+        qg = q.view(B, k.shape[1], H // k.shape[1], D)
+        if self.flash:
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(qg, k, v, scale=scale).reshape(B, H, D)
+        return F.scaled_dot_product_attention(qg, k, v, scale=scale).reshape(B, H, D)
+
+    def advance(self, width):
+        pass
+
+
+def ideal(runner, shape, held_slots, pool_bytes, device, use_graphs):
+    """(batch, tokens/s) of decode steps over dense caches of held_slots + 1 slots per row at
+    the batch that pool_bytes of K/V hold (at most 8192)."""
+    slots = max(1, round(held_slots)) + 1
+    per_sequence = shape.layers * 2 * shape.kv_heads * slots * shape.head_dim * runner.dtype.itemsize
+    batch = min(8192, pool_bytes // per_sequence)
+    if batch < 1:
+        return 0, 0.0
+    dense = DenseRows(batch, slots, shape, runner.dtype, device)
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    step = lambda: runner.decode_rows(dense, tokens)  # noqa: E731
+    if use_graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        step = graph.replay
+    seconds = time_us(step, device, warmup=1, rep=5)[0] * 1e-6
+    del dense, step
+    release()
+    return batch, batch / seconds
+
+
+# ---- rows ----
+
+
+def grid(budgets, policies):
+    """(label, policy name, settings) of every row, in order: the paged full cache, then per
+    budget and policy squeeze p = SQUEEZE_P and uniform."""
+    rows = [("full", "window", None)]
+    for f in budgets:
+        for name in policies:
+            rows += [(f"squeeze p{SQUEEZE_P} {f:.0%}", name, SqueezeSettings.squeeze(b_init=f, p=SQUEEZE_P)),
+                     (f"uniform {f:.0%}", name, SqueezeSettings.uniform(b_init=f))]
+    return rows
+
+
+def run_row(runner, shape, workload, policy, settings, pool_bytes, page_size, queue, window, use_graphs):
+    """One row: serve the workload on a fresh pool of pool_bytes (`queue` requests waiting, None:
+    auto_queue; the window opens after 3 x G steps at the latest), then its ideal bound.
+    Returns (row dict, serve's result)."""
+    pages = pool_bytes // page_bytes(runner, page_size)
+    pool = PagePool(pages, page_size, shape.head_dim, runner.dtype, runner.device)
+    cache = SqueezeKVCache(pool, shape.layers, shape.kv_heads, policy)
+    queue = queue or auto_queue(pages, shape, page_size, workload, None if settings is None else settings.b_init)
+    result = serve(runner, cache, workload, settings, queue, window, use_graphs, 3 * workload.new_tokens)
+    del cache, pool
+    release()
+    report, peak = result["report"], result["peak_batch"]
+    slot_bytes = 2 * shape.head_dim * runner.dtype.itemsize
+    rows = peak * shape.layers * shape.kv_heads
+    held = report.slots_budget / rows  # mean budget of a row
+    ideal_batch, ideal_tok_s = ideal(runner, shape, held, pool_bytes, runner.device, use_graphs)
+    decode_tok_s = result["decode_tokens"] / result["decode_s"] if result["decode_s"] else 0.0
+    row = dict(requests=len(result["outputs"]), peak_batch=peak, filled="yes" if result["filled"] else "NO",
+               decode_tok_s=decode_tok_s, served_tok_s=result["served_tokens"] / result["served_s"]
+               if result["served_s"] else 0.0, ideal_batch=ideal_batch, ideal_tok_s=ideal_tok_s,
+               held_MiB_seq=report.slots_budget * slot_bytes / peak / MIB,
+               alloc_MiB_seq=report.kv_allocated / peak / MIB,
+               alloc_vs_held=report.slots_allocated / report.slots_budget,
+               alloc_vs_full=report.kv_allocated / report.paged_full, mean_budget=held,
+               mode="cuda graphs" if use_graphs else "eager", captures=result["captures"], queue=queue)
+    return row, result
 
 
 def verdicts(rows):
-    """Lines comparing the T 2048 squeezed rows with the issue's targets."""
-    out = []
-    for r in rows:
-        need = TARGETS.get((r.get("budget"), r["batch_kind"]))
-        if r["prompt"] != 2048 or need is None:
+    """Lines comparing the rows at the target's budget with the target."""
+    budget, need = TARGET
+    return [f"{r['path']}: {r['x_full']:.2f}x the paged full cache's decode tok/s vs >= {need}x: "
+            f"{'met' if r['x_full'] >= need else 'NOT met'}"
+            for r in rows if r.get("budget") == budget and "x_full" in r]
+
+
+COLUMNS = ["path", "requests", "queue", "peak_batch", "filled", "decode_tok_s", "x_full", "ideal_tok_s", "ideal_x",
+           "ideal_batch", "served_tok_s", "held_MiB_seq", "alloc_MiB_seq", "alloc_vs_held", "alloc_vs_full", "mode",
+           "target"]
+
+
+def run_grid(runner, shape, workload, jobs, pool_bytes, page_size, queue, window, use_graphs, time_limit=None,
+             log=print):
+    """The rows of every job (grid) in order; a job that would pass time_limit seconds (judged by
+    the longest so far) is skipped and listed. Returns (rows, skipped)."""
+    start, longest, rows, skipped = time.monotonic(), 0.0, [], []
+    for label, policy_name, settings in jobs:
+        path = label if settings is None else f"{policy_name} {label}"
+        if time_limit is not None and time.monotonic() - start + 1.2 * longest > time_limit:
+            skipped.append(path)
             continue
-        checks = [f"{r['x_base']:.2f}x vs >= {need}x: {'met' if r['x_base'] >= need else 'NOT met'}"]
-        if (r["budget"], r["batch_kind"]) == (SAVED_TARGET[0], "max"):
-            met = "met" if r["saved_pct"] >= SAVED_TARGET[1] else "NOT met"
-            checks.append(f"{r['saved_pct']:.1f}% KV saved vs >= {SAVED_TARGET[1]:g}%: {met}")
-        out.append(f"{r['path']} at the {r['batch_kind']} batch ({r['batch']}): " + "; ".join(checks))
-    return out
+        t0 = time.monotonic()
+        policy = SequencePolicy.window() if settings is None else POLICIES[policy_name]
+        try:
+            row, _ = run_row(runner, shape, workload, policy, settings, pool_bytes, page_size, queue, window,
+                             use_graphs)
+        except torch.cuda.OutOfMemoryError as err:
+            release()
+            print(f"\n{'!' * 78}\n{path}: out of memory, left out ({str(err).splitlines()[0]})\n{'!' * 78}",
+                  file=sys.stderr, flush=True)
+            skipped.append(f"{path} (out of memory)")
+            continue
+        longest = max(longest, time.monotonic() - t0)
+        row = dict(path=path, budget=None if settings is None else settings.b_init, **row)
+        full = rows[0] if rows and rows[0]["path"] == "full" else (row if settings is None else None)
+        if full is not None and full["decode_tok_s"]:
+            row["x_full"] = row["decode_tok_s"] / full["decode_tok_s"]
+            row["ideal_x"] = row["ideal_tok_s"] / full["ideal_tok_s"]
+        if row["budget"] == TARGET[0]:
+            row["target"] = f">= {TARGET[1]}x"
+        rows.append(row)
+        nan = float("nan")
+        log(f"  {path:28s} peak batch {row['peak_batch']:5d}, {row['decode_tok_s']:10.1f} decode tok/s "
+            f"(x{row.get('x_full', nan):.2f}; ideal {row['ideal_tok_s']:.1f}, x{row.get('ideal_x', nan):.2f}), "
+            f"held {row['held_MiB_seq']:.2f} / allocated {row['alloc_MiB_seq']:.2f} MiB per sequence")
+    return rows, skipped
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy shapes (see the module docstring)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--prompts", type=int, nargs="+", help="prompt lengths (default 2048 4096; quick 64)")
-    parser.add_argument("--budgets", type=float, nargs="+", help="b_init values (default 0.3 0.2 0.5; quick 0.3)")
-    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=["h2o", "streaming"])
-    parser.add_argument("--steps", type=int, help="generated tokens G (default 128; quick 8)")
-    parser.add_argument("--common-batch", type=int, help="common batch (default: the baseline's max batch)")
-    parser.add_argument("--memory-limit-mib", type=float, help="cap on what a run may fill (quick or CPU: 16)")
-    parser.add_argument("--time-limit", type=float, default=250.0, help="seconds; later jobs are skipped")
-    parser.add_argument("--no-graph", action="store_true", help="time eager steps (no CUDA graph)")
+    parser.add_argument("--prompt", type=int, help="T: prompts of U[T/2, 3T/2] tokens (default 2048; quick 64)")
+    parser.add_argument("--new-tokens", type=int, help="G: U[G/2, 3G/2] new tokens (default 128; quick 8)")
+    parser.add_argument("--budgets", type=float, nargs="+", help="b_init of the squeezed rows (default 0.3 0.2; "
+                                                                  "quick 0.3)")
+    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=list(POLICIES))
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--queue", type=int, help="requests always waiting (default: auto_queue per row)")
+    parser.add_argument("--window", type=int, help="decode steps timed once the pool is full (default 32; quick 8)")
+    parser.add_argument("--memory-limit-mib", type=float, help="the pool's bytes (default: the free GPU memory; "
+                                                                  "quick or CPU: 2)")
+    parser.add_argument("--time-limit", type=float, default=420.0, help="seconds; later rows are skipped")
+    parser.add_argument("--no-graph", action="store_true", help="eager decode steps on the GPU")
     parser.add_argument("--no-transformers", action="store_true", help="use the tensor-tree model")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default on the CPU: 1, the toy model's "
+                                                     "matmuls are too small to share)")
     args = parser.parse_args(argv)
 
     start = time.monotonic()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
     shape = TOY if args.quick else MISTRAL_7B
-    prompts = args.prompts or ([64] if args.quick else [2048, 4096])
-    budgets = args.budgets or ([0.3] if args.quick else [0.3, 0.2, 0.5])
-    steps = args.steps or (8 if args.quick else 128)
-    limit_mib = args.memory_limit_mib or (16 if args.quick or not cuda else None)
+    T = args.prompt or (64 if args.quick else 2048)
+    G = args.new_tokens or (8 if args.quick else 128)
+    window = args.window or (8 if args.quick else 32)
     dtype = torch.bfloat16 if cuda else torch.float32
-    providers = ["sdpa_flash", "fa2_varlen"] if cuda else ["sdpa"]
-    if os.environ.get("SQUEEZE_DEBUG") == "1":
-        loud("SQUEEZE_DEBUG=1: the kernels read values back to the host, so CUDA graph capture will fail")
-
     torch.manual_seed(0)
     model, source = build_model(shape, device, dtype, use_transformers=not args.no_transformers)
     runner = LlamaRunner(model)
-    print(f"model: {shape}, {dtype} on {device} ({source}), ready after {time.monotonic() - start:.1f} s", flush=True)
-    memory = Memory(device, None if limit_mib is None else int(limit_mib * MIB))
-    harness = Harness(runner, shape, device, memory, steps, use_graph=cuda and not args.no_graph,
-                      time_limit=args.time_limit - (time.monotonic() - start))
-    exact = "fa2_varlen" if cuda else "sdpa"
-    prompt = harness.prompt(prompts[0])
-    try:
-        gap = full_cache_agreement(runner, prompt.record, prompt.first, exact, 4, device)
-    except (RuntimeError, TypeError) as err:
-        loud(f"the {exact} baseline did not run: {type(err).__name__}: {err}")
-    else:
-        print(f"full cache {exact} vs SqueezeKVCache without budgets, 4 steps: max |logit gap| / max |logit| = "
-              f"{gap:.2e}", flush=True)
-        if gap > (5e-2 if cuda else 1e-4):
-            loud(f"the {exact} baseline does not compute the library's attention (gap {gap:.2e})")
-    release()
-    env = environment(device)
-    name = "e2e_quick" if args.quick else "e2e"
-
-    def table():
-        """The table so far (written after every job on the GPU, so a run cut short keeps its rows)."""
-        note = (
-            f"Random {shape.layers}-layer model (hidden {shape.hidden}, {shape.heads}/{shape.kv_heads} heads, D "
-            f"{shape.head_dim}, MLP {shape.mlp}, vocab {shape.vocab}), {dtype}, {source}; {NUM_PROMPTS} random "
-            f"prompts per length, {steps} timed greedy steps after one warm-up step. squeeze: budget = b_init of the "
-            f"prompt, p {SQUEEZE_P}, k 3 (plan_budgets on the prefill). mode: how the step ran. attn_ms = step_ms - "
-            "rest_ms (the step with attention replaced by the identity). x_base: tokens/s over the full-cache "
-            "baseline (its fastest provider) at its max batch for max rows, at the same batch for common rows. "
-            "kv_mib_seq: K/V per sequence (squeeze: + slot positions, scores, lengths); saved_pct against the K/V "
-            "of prompt + generated tokens. alloc_x: slots allocated per sequence / slots its own plan needs "
-            "(budgets + 1 per layer; > 1 where the prompts' plans differ, since a layer's capacity is the max over "
-            "the batch). tries: runs needed to verify the max batch. sdpa_flash reads the whole fixed-length "
-            f"buffer (timing only). {PAPER}. Anchor, full cache at T 2048: {ANCHOR_FULL}."
-        )
-        if harness.skipped:
-            note += " Skipped: " + "; ".join(harness.skipped) + "."
-        note += "".join(f"\n- {line}" for line in verdicts(harness.rows))
-        return write_table(name, harness.rows, COLUMNS, env, note)
-
-    run_grid(harness, make_grid(prompts, budgets), providers, args.policies, args.common_batch,
-             after_job=table if cuda else None)
+    limit = args.memory_limit_mib or (2 if args.quick or not cuda else None)
+    pool_bytes = None if limit is None else int(limit * MIB)
     if cuda:
-        print(table())
-    print("\n".join(verdicts(harness.rows)) or "no target rows (the targets are for prompt 2048)")
+        free = free_bytes(device, shape, runner.dtype.itemsize, (args.queue or QUEUE_MAX) * 3 * T // 2)
+        pool_bytes = free if pool_bytes is None else min(pool_bytes, free)
+    print(f"model: {shape}, {dtype} on {device} ({source}); pool {pool_bytes / GIB:.2f} GiB in pages of "
+          f"{args.page_size}; ready after {time.monotonic() - start:.1f} s", flush=True)
+    workload = Workload(T, G, shape.vocab, args.page_size)
+    budgets = args.budgets or ([0.3] if args.quick else [0.3, 0.2])
+    rows, skipped = run_grid(runner, shape, workload, grid(budgets, args.policies), pool_bytes, args.page_size,
+                             args.queue, window, cuda and not args.no_graph,
+                             args.time_limit - (time.monotonic() - start))
+    note = (f"Random {shape.layers}-layer model (hidden {shape.hidden}, {shape.heads}/{shape.kv_heads} heads, D "
+            f"{shape.head_dim}, MLP {shape.mlp}, vocab {shape.vocab}), {dtype}, {source}. Requests: prompts of "
+            f"U[{T // 2}, {3 * T // 2}] tokens, U[{max(1, G // 2)}, {3 * G // 2}] new tokens, `queue` of them always "
+            f"waiting; one pool of {pool_bytes / GIB:.2f} GiB in pages of {args.page_size}; {window} decode steps "
+            "timed once the pool is full (filled), CUDA-graph captures left out. decode_tok_s: tokens / time of those "
+            "decode steps; "
+            "served_tok_s: tokens emitted in that window (first tokens of admissions included) / its wall time; "
+            "x_full: decode_tok_s / the paged full cache's. ideal: the same step over dense caches of each row's mean "
+            "held length + 1 at the batch the pool's bytes hold (SDPA); ideal_x against the full row's ideal. "
+            "held / alloc per sequence at the peak batch (MemoryReport: budgets, pages); alloc_vs_full = allocated / "
+            "the paged full cache of the same sequences.")
+    if skipped:
+        note += " Skipped: " + "; ".join(skipped) + "."
+    note += "".join(f"\n- {line}" for line in verdicts(rows))
+    print(write_table("e2e_quick" if args.quick else "e2e", rows, COLUMNS, environment(device), note))
     print(f"total {time.monotonic() - start:.1f} s")
 
 

@@ -123,7 +123,9 @@ def main():
                "slower than squeeze"]
     note = (f"k = {K}, p = {P}. Copy bandwidth of this run: {bw / 1e9:.0f} GB/s. Latency-bound: the bandwidth "
             "columns only show how far from it. Target: squeeze <= 15 us (CUDA graph) for B <= 64, L <= 128.")
-    print(write_table("layer_budgets", rows, columns, environment(device), note))
+    # Smoke runs (quick, or on the CPU) stay out of bench/results/.
+    name = "layer_budgets_quick" if args.quick or device == "cpu" else "layer_budgets"
+    print(write_table(name, rows, columns, environment(device), note))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import squeeze_ops
-from bench.common import copy_bandwidth, environment, time_us, write_table
+from bench.common import copy_bandwidth, empty_pool, environment, page_table, time_us, write_table
 from squeeze_ops import reference
 from squeeze_ops.triton_kernels import prefill_attention as triton_prefill
 
@@ -83,26 +83,26 @@ def test_prefill_attention_h2o_scores_cpu_eager(benchmark):
     benchmark(eager_with_scores, q, k, v, cu, 0.125)
 
 
-def compress_inputs(lengths, Hkv, D, dtype, device, budget, capacity):
+def compress_inputs(lengths, Hkv, D, dtype, device, budget, page_size=16):
+    """Packed prompt K/V of the given lengths, random column scores, budgets int32 [B, Hkv] and
+    the layer's rows to compress into: [pool..., block_table, lens], each row owning
+    ceil((budget + 1) / page_size) shuffled pages (its budget and the slot of a decode step)."""
     _, k, v, cu = packed(lengths, 1, Hkv, D, dtype, device)
     scores = torch.rand(k.shape[0], Hkv, device=device)
-    B = len(lengths)
-    cache = (torch.empty(B, Hkv, capacity, D, device=device, dtype=dtype),
-             torch.empty(B, Hkv, capacity, D, device=device, dtype=dtype),
-             torch.empty(B, dtype=torch.int32, device=device),
-             torch.empty(B, Hkv, capacity, dtype=torch.int32, device=device),
-             torch.empty(B, Hkv, capacity, device=device))
-    return k, v, scores, cu, torch.full((B,), budget, dtype=torch.int32, device=device), cache
+    budgets = torch.full((len(lengths), Hkv), budget, dtype=torch.int32, device=device)
+    table, pages = page_table(budgets + 1, page_size, -(-(budget + 1) // page_size))
+    rows = empty_pool(pages, page_size, D, dtype, device) + [table, torch.zeros_like(budgets)]
+    return k, v, scores, cu, budgets, rows
 
 
 def test_compress_kv_cpu(benchmark):
-    k, v, scores, cu, budget, cache = compress_inputs([2048, 1024], 4, 64, torch.float32, "cpu", 512, 576)
-    benchmark(torch.ops.squeeze.compress_kv_, k, v, scores, cu, budget, "h2o", 4, 0.5, *cache)
+    k, v, scores, cu, budget, rows = compress_inputs([2048, 1024], 4, 64, torch.float32, "cpu", 512)
+    benchmark(torch.ops.squeeze.compress_kv_, k, v, scores, cu, budget, "h2o", 4, 0.5, 1, "max", *rows)
 
 
 def test_compress_kv_cpu_reference(benchmark):
-    k, v, scores, cu, budget, cache = compress_inputs([2048, 1024], 4, 64, torch.float32, "cpu", 512, 576)
-    benchmark(reference.compress_kv_, k, v, scores, cu, budget, "h2o", 4, 0.5, *cache)
+    k, v, scores, cu, budget, rows = compress_inputs([2048, 1024], 4, 64, torch.float32, "cpu", 512)
+    benchmark(reference.compress_kv_, k, v, scores, cu, budget, "h2o", 4, 0.5, 1, "max", *rows)
 
 
 # ---- main: the GPU table ----
@@ -205,21 +205,23 @@ def attention_rows(lengths, label, H, Hkv, D, dtype, device, bandwidth):
 
 
 def compress_rows(B, n, Hkv, D, budget, dtype, device, bandwidth, prefill_us, layers):
-    """compress_kv_ of one layer (B sequences of n tokens to `budget`), and `layers` of them
-    as a share of `layers` prefill attentions with H2O scores (prefill_us each)."""
-    k, v, scores, cu, budgets, cache = compress_inputs([n] * B, Hkv, D, dtype, device, budget, budget + 128)
-    rows = []
-    for policy in ("window", "streaming", "h2o"):
+    """compress_kv_ of one layer (B sequences of n tokens to `budget`, into rows of 16-slot
+    pages), and `layers` of them as a share of `layers` prefill attentions with H2O scores
+    (prefill_us each). h2o also with SnapKV's max-pooled scores (pool 7)."""
+    k, v, scores, cu, budgets, rows = compress_inputs([n] * B, Hkv, D, dtype, device, budget)
+    out = []
+    for policy, pool_size in (("window", 1), ("streaming", 1), ("h2o", 1), ("h2o", 7)):
         med, _, _ = time_us(lambda: torch.ops.squeeze.compress_kv_(k, v, scores, cu, budgets, policy, 4, 0.5,
-                                                                   *cache), device)
+                                                                   pool_size, "max", *rows), device)
         kept = B * Hkv * min(n, budget)
         io_bytes = 2 * 2 * kept * D * k.element_size() + k.shape[0] * Hkv * 4
-        rows.append(dict(shape=f"compress B{B} x {n} Hkv{Hkv} D{D} -> {budget}", dtype=str(dtype).replace("torch.", ""),
-                         provider=f"compress_kv {policy}", time_us=med, GBs=io_bytes / med * 1e-3,
-                         copy_pct=100 * io_bytes / (med * 1e-6) / bandwidth,
-                         prefill_pct=f"{100 * med / prefill_us:.2f}% of prefill ({layers} layers: "
-                                     f"{layers * med / 1e3:.2f} ms vs {layers * prefill_us / 1e3:.1f} ms)"))
-    return rows
+        name = f"compress_kv {policy}" + (f" pool {pool_size}" if pool_size > 1 else "")
+        out.append(dict(shape=f"compress B{B} x {n} Hkv{Hkv} D{D} -> {budget}, pages of 16",
+                        dtype=str(dtype).replace("torch.", ""), provider=name, time_us=med,
+                        GBs=io_bytes / med * 1e-3, copy_pct=100 * io_bytes / (med * 1e-6) / bandwidth,
+                        prefill_pct=f"{100 * med / prefill_us:.2f}% of prefill ({layers} layers: "
+                                    f"{layers * med / 1e3:.2f} ms vs {layers * prefill_us / 1e3:.1f} ms)"))
+    return out
 
 
 def main(argv=None):
@@ -251,8 +253,10 @@ def main(argv=None):
             f"({bandwidth / 1e9:.0f} GB/s). peak_MiB: memory allocated beyond the inputs. "
             f"sdpa-flash: dense SDPA (FlashAttention backend, GQA) for B1, aten._flash_attention_forward "
             f"(FlashAttention-2 varlen) for ragged batches. compress rows: one layer; prefill_pct relates it to "
-            f"the prefill attention with H2O scores of the same batch.")
-    print(write_table("bench_prefill", rows, columns, environment(device), note))
+            f"the prefill attention with H2O scores of the same batch; the kept rows are written into shuffled pages "
+            f"of 16 slots (each row owns ceil((budget + 1) / 16)).")
+    name = "bench_prefill_quick" if args.quick or device == "cpu" else "bench_prefill"
+    print(write_table(name, rows, columns, environment(device), note))
 
 
 if __name__ == "__main__":

@@ -83,9 +83,11 @@ def environment(device):
 
 def save_markdown(name, text, folder=None):
     """Write text as <folder>/<name>.md (default bench/results) and, when $OUT is set,
-    $OUT/<name>.md. Returns text."""
+    $OUT/<name>.md. Returns text. Smoke runs (names ending in _quick) go to $OUT only: the
+    results folders keep measured tables."""
     folder = folder or os.path.join(os.path.dirname(__file__), "results")
-    dirs = [folder] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
+    dirs = [] if name.endswith("_quick") else [folder]
+    dirs += [os.environ["OUT"]] if os.environ.get("OUT") else []
     for d in dirs:
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"{name}.md"), "w") as f:
@@ -107,3 +109,62 @@ def write_table(name, rows, columns, env, note=""):
         with open(os.path.join(os.environ["OUT"], f"{name}.json"), "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=1)
     return text
+
+
+
+def page_table(slots, page_size, width, generator=None):
+    """Block tables int32 [B, Hkv, width] of rows owning ceil(slots / page_size) pages each
+    (slots int [B, Hkv]; at most width pages), the pool's page ids dealt in shuffled order (so
+    consecutive slots of a row are scattered over the pool as in a long-running engine), -1 past
+    a row's pages. Returns (table, the number of pages dealt)."""
+    owned = torch.clamp(-(-slots.long() // page_size), max=width)
+    pages = int(owned.sum())
+    table = torch.full((*slots.shape, width), -1, dtype=torch.int32, device=slots.device)
+    # Row-major order of the owned entries: row r takes the next owned[r] ids of the shuffle.
+    table[torch.arange(width, device=slots.device) < owned[..., None]] = \
+        torch.randperm(pages, generator=generator).to(device=slots.device, dtype=torch.int32)
+    return table, pages
+
+
+def empty_pool(num_pages, page_size, head_dim, dtype, device):
+    """[k_pages, v_pages, pos_pages, score_pages] of empty pages (K/V 0, position -1, score 0)."""
+    k = torch.zeros(num_pages, page_size, head_dim, dtype=dtype, device=device)
+    return [k, torch.zeros_like(k), torch.full((num_pages, page_size), -1, dtype=torch.int32, device=device),
+            torch.zeros(num_pages, page_size, device=device)]
+
+
+def paged_layer(k, v, lens, page_size=None, generator=None):
+    """One layer's rows of a paged cache holding what the padded cache k, v [B, Hkv, L, D]
+    holds (its first lens[b, g] slots, lens int32 [B, Hkv]), with room for one more token per
+    row (a decode step's append).
+
+    page_size None: the padded layout as the ops see it, one page of C = L + 1 slots per row
+    (pages in row order). Else pages of page_size slots (page_table: shuffled), each row owning
+    ceil((lens + 1) / page_size) of them (the engine's rule for a row at its budget). Slots hold
+    positions 0 .. lens - 1 in order, score 0; the other slots position -1.
+    Returns [k_pages, v_pages, pos_pages, score_pages, block_table] (the ops' argument order).
+    """
+    B, Hkv, L, D = k.shape
+    device = k.device
+    S = L + 1 if page_size is None else page_size
+    if page_size is None:
+        table, P = torch.arange(B * Hkv, dtype=torch.int32, device=device).view(B, Hkv, 1), B * Hkv
+    else:
+        table, P = page_table(lens + 1, S, -(-(L + 1) // S), generator)
+    pool = empty_pool(P, S, D, k.dtype, device)
+    slot = torch.arange(L, device=device)
+    held = slot < lens.long()[..., None]  # [B, Hkv, L]
+    flat = (table.long().gather(2, (slot // S).expand(B, Hkv, L)) * S + slot % S)[held]
+    pool[0].view(P * S, D)[flat] = k[held]
+    pool[1].view(P * S, D)[flat] = v[held]
+    pool[2].view(-1)[flat] = slot.expand(B, Hkv, L)[held].int()
+    return pool + [table]
+
+
+def clear_of_pages(length, steps, page_size):
+    """length, or length + 1 when length + steps (the horizon of a row holding the prompt and
+    every decoded token) is a multiple of page_size. A row whose budget covers its horizon owns
+    ceil(horizon / page_size) pages, so at such a horizon its capacity equals its budget, which
+    decode_step_'s check refuses (it asks capacity >= budget + 1 even of a row that never holds
+    its budget; on the GPU without value checks it runs): the workloads keep clear of it."""
+    return length + 1 if (length + steps) % page_size == 0 else length
