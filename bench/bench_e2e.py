@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import squeeze_ops  # noqa: F401  (registers torch.ops.squeeze.*)
-from bench.common import clear_of_pages, environment, sync, time_us, write_table
+from bench.common import environment, sync, time_us, write_table
 from squeeze_ops.engine.batching import ContinuousBatcher, DecodeGraphs
 from squeeze_ops.engine.cache import SqueezeKVCache
 from squeeze_ops.engine.policies import SequencePolicy, SqueezeSettings
@@ -144,19 +144,17 @@ def _tensor_model(shape, device, dtype):
 
 class Workload:
     """The request stream of every row: request i (deterministic in i and seed) has a distinct
-    random prompt of U[T/2, 3T/2] tokens and U[G/2, 3G/2] new tokens (at least 1). Prompt
-    lengths keep clear of horizons on page boundaries (common.clear_of_pages)."""
+    random prompt of U[T/2, 3T/2] tokens and U[G/2, 3G/2] new tokens (at least 1)."""
 
-    def __init__(self, prompt_len, new_tokens, vocab, page_size, seed=0):
-        self.prompt_len, self.new_tokens, self.vocab, self.page_size, self.seed = (prompt_len, new_tokens, vocab,
-                                                                                     page_size, seed)
+    def __init__(self, prompt_len, new_tokens, vocab, seed=0):
+        self.prompt_len, self.new_tokens, self.vocab, self.seed = prompt_len, new_tokens, vocab, seed
 
     def request(self, i):
         """(prompt int64 [n], max_new_tokens) of request i."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         T, G = self.prompt_len, self.new_tokens
         new = int(torch.randint(max(1, G // 2), 3 * G // 2 + 1, (), generator=g))
-        n = clear_of_pages(int(torch.randint(T // 2, 3 * T // 2 + 1, (), generator=g)), new - 1, self.page_size)
+        n = int(torch.randint(T // 2, 3 * T // 2 + 1, (), generator=g))
         return torch.randint(0, self.vocab, (n,), generator=g), new
 
 
@@ -282,8 +280,11 @@ class DenseRows:
         size = (batch, shape.kv_heads, slots, shape.head_dim)
         self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(shape.layers)]
-        self._positions = torch.full((batch,), slots - 1, dtype=torch.int32, device=device)  # read by decode_rows
+        self.positions = torch.full((batch,), slots - 1, dtype=torch.int32, device=device)
         self.flash = torch.device(device).type == "cuda"
+
+    def step_positions(self, width):
+        return self.positions[:width]
 
     def attend(self, layer, q, k_new, v_new, scale):
         k, v = self.k[layer], self.v[layer]
@@ -460,7 +461,7 @@ def main(argv=None):
         pool_bytes = free if pool_bytes is None else min(pool_bytes, free)
     print(f"model: {shape}, {dtype} on {device} ({source}); pool {pool_bytes / GIB:.2f} GiB in pages of "
           f"{args.page_size}; ready after {time.monotonic() - start:.1f} s", flush=True)
-    workload = Workload(T, G, shape.vocab, args.page_size)
+    workload = Workload(T, G, shape.vocab)
     budgets = args.budgets or ([0.3] if args.quick else [0.3, 0.2])
     rows, skipped = run_grid(runner, shape, workload, grid(budgets, args.policies), pool_bytes, args.page_size,
                              args.queue, window, cuda and not args.no_graph,

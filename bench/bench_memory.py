@@ -37,7 +37,7 @@ import time
 import torch
 
 import squeeze_ops  # noqa: F401  (registers torch.ops.squeeze.*)
-from bench.common import clear_of_pages, environment, save_markdown
+from bench.common import environment, save_markdown
 from squeeze_ops.engine.cache import SqueezeKVCache
 from squeeze_ops.engine.policies import SequencePolicy, SqueezeSettings, prefill_needs
 from squeeze_ops.engine.pool import PagePool
@@ -60,13 +60,11 @@ def table_settings(policy):
     return rows
 
 
-def workload(tokens, count, low, high, steps, page_size=DECODE_PAGE_SIZE, seed=0):
-    """`count` prompts (int64 1-D tensors) of lengths U[low, high] (kept clear of horizons on page
-    boundaries for `steps` decode steps: common.clear_of_pages), consecutive disjoint windows of
-    the token ids `tokens`."""
+def workload(tokens, count, low, high, seed=0):
+    """`count` prompts (int64 1-D tensors) of lengths U[low, high], consecutive disjoint windows
+    of the token ids `tokens`."""
     g = torch.Generator().manual_seed(seed)
-    drawn = torch.randint(low, high + 1, (count,), generator=g).tolist()
-    lengths = [clear_of_pages(n, steps, page_size) for n in drawn]
+    lengths = torch.randint(low, high + 1, (count,), generator=g).tolist()
     if sum(lengths) > len(tokens):
         raise ValueError(f"workload: {sum(lengths)} tokens asked, the text has {len(tokens)}")
     starts = [sum(lengths[:i]) for i in range(count)]
@@ -214,7 +212,7 @@ def main(argv=None):
 
     runner, tokenizer, _ = evaluation.load_smollm2("cpu")
     steps = args.new_tokens - 1
-    prompts = workload(evaluation.tokenize(tokenizer, evaluation.botchan_text()), args.prompts, *args.lengths, steps)
+    prompts = workload(evaluation.tokenize(tokenizer, evaluation.botchan_text()), args.prompts, *args.lengths)
     needs = None
     for name, policy in POLICIES.items():
         n = prefill_needs(policy, [s for _, s in table_settings(name)])

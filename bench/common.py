@@ -159,12 +159,3 @@ def paged_layer(k, v, lens, page_size=None, generator=None):
     pool[1].view(P * S, D)[flat] = v[held]
     pool[2].view(-1)[flat] = slot.expand(B, Hkv, L)[held].int()
     return pool + [table]
-
-
-def clear_of_pages(length, steps, page_size):
-    """length, or length + 1 when length + steps (the horizon of a row holding the prompt and
-    every decoded token) is a multiple of page_size. A row whose budget covers its horizon owns
-    ceil(horizon / page_size) pages, so at such a horizon its capacity equals its budget, which
-    decode_step_'s check refuses (it asks capacity >= budget + 1 even of a row that never holds
-    its budget; on the GPU without value checks it runs): the workloads keep clear of it."""
-    return length + 1 if (length + steps) % page_size == 0 else length

@@ -163,24 +163,36 @@ def overlaps(a, b):
     return False
 
 
-def _has_memory(t):
-    """A tensor whose memory can be compared: not None, fake (tracing) or meta."""
-    return t is not None and t.device.type != "meta" and not is_fake(t)
+def _memory_key(t):
+    """(device, storage address) of a tensor whose memory can be compared; None for None,
+    empty, meta and fake (tracing) tensors. A plain torch.Tensor is never fake: the costlier
+    is_fake runs for subclasses only."""
+    if t is None or t.numel() == 0 or t.device.type == "meta" or (type(t) is not torch.Tensor and is_fake(t)):
+        return None
+    return t.device, t.untyped_storage().data_ptr()
 
 
 def check_written(written, read=()):
     """written, read: sequences of (tensor, name). A written tensor must not overlap itself
-    (the result would depend on the order of the writes), nor another argument."""
+    (the result would depend on the order of the writes), nor another argument. Only tensors
+    of one storage can overlap, so the pairs are compared within each storage."""
     for t, name in written:
         if t is None:
             continue
         check(not has_internal_overlap(t), lambda: f"{name}: a written tensor must not overlap itself (an expanded "
               f"view, strides {tuple(t.stride())}); pass a materialised tensor")
-    written = [(t, n) for t, n in written if _has_memory(t)]
-    others = written + [(t, n) for t, n in read if _has_memory(t)]
-    for i, (t, name) in enumerate(written):
-        for other, other_name in others[i + 1 :]:
-            check(not overlaps(t, other), lambda: f"{name}: must not share memory with {other_name}")
+    storages = {}
+    for args, is_written in ((written, True), (read, False)):  # written first: they name the error
+        for t, name in args:
+            key = _memory_key(t)
+            if key is not None:
+                storages.setdefault(key, []).append((t, name, is_written))
+    for group in storages.values():
+        for i, (t, name, is_written) in enumerate(group):
+            if not is_written:
+                break
+            for other, other_name, _ in group[i + 1 :]:
+                check(not overlaps(t, other), lambda: f"{name}: must not share memory with {other_name}")
 
 
 # ---- value checks (host reads) ----

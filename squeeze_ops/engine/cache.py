@@ -663,6 +663,11 @@ class SqueezeKVCache:
             q, k_new, v_new, self._positions[:W], *self.pool.tensors, self.tables[layer, :W], self.lens[layer, :W],
             self.row_budget[layer, :W], scale, p.kind, p.sinks, p.recent_ratio, p.needs_scores)
 
+    def step_positions(self, width):
+        """int32 [W]: the positions the new tokens of rows 0 .. W-1 take in the next decode step
+        (RoPE and the cache's positions; padding rows: 0). A view, moved by advance()."""
+        return self._positions[:width]
+
     def advance(self, width):
         """Device half of a decode step, after every layer has attended: the rows move to their
         next position (capturable in a CUDA graph with the layers)."""

@@ -174,7 +174,7 @@ class LlamaRunner:
         """The device work of decode over rows 0 .. W-1 of the cache (W = tokens.shape[0]): what
         a CUDA graph captures (DecodeGraphs); decode wraps it in the cache's host checks."""
         width = tokens.shape[0]
-        cos, sin = self._rope(cache._positions[:width])
+        cos, sin = self._rope(cache.step_positions(width))
         x = F.embedding(tokens.long(), self.embed)
         # One token per sequence; the decode's similarity sums are scratch (the plan is fixed).
         cu = torch.arange(x.shape[0] + 1, dtype=torch.int32, device=self.device)

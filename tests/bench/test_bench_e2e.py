@@ -41,19 +41,19 @@ def _cache(runner, policy):
     return SqueezeKVCache(pool, SHAPE.layers, SHAPE.kv_heads, policy)
 
 
-def test_workload_is_deterministic_ragged_and_clear_of_page_boundaries():
-    workload = e2e.Workload(T, G, SHAPE.vocab, S)
+def test_workload_is_deterministic_and_ragged():
+    workload = e2e.Workload(T, G, SHAPE.vocab)
     requests = [workload.request(i) for i in range(40)]
     for i, (prompt, new) in enumerate(requests):
-        assert T // 2 <= len(prompt) <= 3 * T // 2 + 1 and G // 2 <= new <= 3 * G // 2
-        assert (len(prompt) + new - 1) % S and torch.equal(prompt, workload.request(i)[0])
+        assert T // 2 <= len(prompt) <= 3 * T // 2 and G // 2 <= new <= 3 * G // 2
+        assert torch.equal(prompt, workload.request(i)[0])
     assert len({len(p) for p, _ in requests}) > 5 and len({tuple(p.tolist()) for p, _ in requests}) == 40
 
 
 def test_full_cache_serves_what_generate_gives(runner):
     """The paged full cache under continuous batching: each finished request's tokens are those of
     a plain generate of its prompt alone, and the peak's memory is the rows' horizons."""
-    workload = e2e.Workload(T, G, SHAPE.vocab, S)
+    workload = e2e.Workload(T, G, SHAPE.vocab)
     cache = _cache(runner, SequencePolicy.window())
     result = e2e.serve(runner, cache, workload, None, queue=3, window=6, use_graphs=False, fill_steps=20)
     assert result["filled"] and result["captures"] == 0
@@ -68,7 +68,7 @@ def test_full_cache_serves_what_generate_gives(runner):
 
 
 def test_row_reports_what_the_caches_hold(runner):
-    workload = e2e.Workload(T, G, SHAPE.vocab, S)
+    workload = e2e.Workload(T, G, SHAPE.vocab)
     settings = SqueezeSettings.squeeze(b_init=0.3, p=e2e.SQUEEZE_P)
     row, result = e2e.run_row(runner, SHAPE, workload, e2e.POLICIES["h2o"], settings, POOL, S, None, 4, False)
     report, peak = result["report"], result["peak_batch"]
@@ -83,7 +83,7 @@ def test_row_reports_what_the_caches_hold(runner):
 
 
 def test_grid_rows_against_the_full_cache(runner):
-    workload = e2e.Workload(T, G, SHAPE.vocab, S)
+    workload = e2e.Workload(T, G, SHAPE.vocab)
     jobs = e2e.grid([0.3], ["h2o", "streaming"])[:3]
     assert [(label, policy) for label, policy, _ in jobs] == [
         ("full", "window"), ("squeeze p0.35 30%", "h2o"), ("uniform 30%", "h2o")]
@@ -101,7 +101,7 @@ def test_grid_rows_against_the_full_cache(runner):
 
 def test_time_limit_skips_rows(runner):
     jobs = e2e.grid([0.3], ["h2o"])
-    rows, skipped = e2e.run_grid(runner, SHAPE, e2e.Workload(T, G, SHAPE.vocab, S), jobs, POOL, S, None, 4, False,
+    rows, skipped = e2e.run_grid(runner, SHAPE, e2e.Workload(T, G, SHAPE.vocab), jobs, POOL, S, None, 4, False,
                                  time_limit=0.0, log=lambda line: None)
     assert rows == [] and skipped == ["full", "h2o squeeze p0.35 30%", "h2o uniform 30%"]
 
@@ -162,7 +162,7 @@ def test_quick_grid_on_the_gpu_runs_in_cuda_graphs():
     model, _ = e2e.build_model(SHAPE, "cuda", torch.bfloat16, use_transformers=False)
     gpu_runner = LlamaRunner(model)
     jobs = e2e.grid([0.3], ["h2o", "streaming"])[:3]
-    rows, skipped = e2e.run_grid(gpu_runner, SHAPE, e2e.Workload(T, G, SHAPE.vocab, S), jobs, POOL, S, None, 8, True,
+    rows, skipped = e2e.run_grid(gpu_runner, SHAPE, e2e.Workload(T, G, SHAPE.vocab), jobs, POOL, S, None, 8, True,
                                  log=lambda line: None)
     assert skipped == [] and len(rows) == 3
     assert all(r["mode"] == "cuda graphs" and r["filled"] == "yes" and r["decode_tok_s"] > 0 for r in rows)

@@ -408,3 +408,22 @@ def test_decode_step_never_syncs_on_gpu(settings):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+def test_a_full_row_sized_to_its_horizon_decodes_to_it():
+    """A row whose budget covers its horizon owns ceil(horizon / S) pages; with the horizon on a
+    page boundary its capacity is exactly its budget, and every admitted step still runs (the
+    row fills up without evicting); one more is refused."""
+    record = _record([13, 5])
+    cache = SqueezeKVCache(_pool(page_size=4), L, HKV, SequencePolicy.h2o())
+    cache.admit(record, None, 3)  # horizons 16 and 8: multiples of the page size
+    assert cache.tables.shape[-1] == 4 and cache.row_budget[0, :, 0].tolist() == [16, 8]
+    for _ in range(3):
+        cache.begin_step()
+        for layer in range(L):
+            cache.attend(layer, torch.randn(2, HKV * GROUP, D), torch.randn(2, HKV, D), torch.randn(2, HKV, D), 0.25)
+        cache.advance(2)
+        cache.end_step()
+    assert (cache.lens == torch.tensor([16, 8], dtype=torch.int32)[None, :, None]).all()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cache.begin_step()
