@@ -9,7 +9,6 @@
 All of them give each sequence exactly the uniform total (research/README.md compares them).
 """
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -103,6 +102,8 @@ class Calibrated(Allocator):
             raise ValueError("profile: the profiles must share model, layers, policy and number of budgets")
         if len({p.context for p in profiles}) != len(profiles):
             raise ValueError(f"profile: expected distinct contexts, got {[p.context for p in profiles]}")
+        # Host data computed once, here: allocate() must trace under torch.compile from its first call.
+        object.__setattr__(self, "_curves", self._measure_curves())
 
     @property
     def profiles(self):
@@ -110,11 +111,9 @@ class Calibrated(Allocator):
         profiles = self.profile if isinstance(self.profile, tuple) else (self.profile,)
         return tuple(sorted(profiles, key=lambda p: p.context))
 
-    @cached_property
-    def _curves(self):
+    def _measure_curves(self):
         """(contexts (K), knots (K x (m + 1) fractions ending at 1), gains (K x L x m: loss removed
-        per unit fraction on each segment, non-increasing along the segments)) as tuples: host
-        data, computed once."""
+        per unit fraction on each segment, non-increasing along the segments)) as tuples."""
         contexts, knots, gains = [], [], []
         for prof in self.profiles:
             row = list(prof.budgets) + [1.0]

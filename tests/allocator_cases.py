@@ -29,3 +29,18 @@ def in_context(c, important, L=6):
         row[important] = 0.2 * (1 - m) if m < 1 else -0.05 * (m - 1)
         rows.append(tuple(row))
     return SensitivityProfile("m", L, "streaming(4 sinks)", fractions, tuple(rows), "test", context=c)
+
+
+def assert_plans_without_host_sync(allocator):
+    """allocate() under torch.compile(fullgraph=True), which fails on any graph break (e.g. a
+    .item() or .tolist() of a tensor), plans what eager allocate() plans."""
+    from squeeze_ops.engine.planner import allocate
+
+    lens = torch.tensor([100, 37, 250], dtype=torch.int32)
+    cos_sum = sums(spiky_similarity(3), lens)
+
+    def plan(c, n):
+        return allocate(c, n, allocator, b_init=0.25, horizon=n + 16, min_budget=2).budgets
+
+    compiled = torch.compile(plan, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(cos_sum, lens), plan(cos_sum, lens))

@@ -9,7 +9,7 @@ from squeeze_ops.engine.allocators import Allocator, Fixed, SimilarityWeighted, 
 from squeeze_ops.engine.cache import PrefillRecord, SqueezeKVCache
 from squeeze_ops.engine.planner import allocate, diagnose
 from squeeze_ops.engine.policies import PrefillNeeds, SequencePolicy, SqueezeSettings
-from tests.allocator_cases import spiky_similarity, sums
+from tests.allocator_cases import assert_plans_without_host_sync, spiky_similarity, sums
 
 L = 12
 
@@ -81,15 +81,7 @@ def test_water_fill_matches_bisection():
 
 @pytest.mark.parametrize("allocator", REDISTRIBUTING[:1] + [Uniform(), Squeeze(0.4)], ids=lambda a: a.describe())
 def test_allocation_traces_without_host_sync(allocator):
-    """fullgraph=True fails on any graph break, e.g. a .item() or .tolist() of a tensor."""
-    lens = torch.tensor([100, 37, 250], dtype=torch.int32)
-    cos_sum = sums(spiky_similarity(3), lens)
-
-    def plan(c, n):
-        return allocate(c, n, allocator, b_init=0.25, horizon=n + 16, min_budget=2).budgets
-
-    compiled = torch.compile(plan, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(cos_sum, lens), plan(cos_sum, lens))
+    assert_plans_without_host_sync(allocator)
 
 
 def test_diagnostics_warn_on_a_degenerate_profile():

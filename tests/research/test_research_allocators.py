@@ -10,7 +10,7 @@ import torch
 from research.allocators import Calibrated, ClampedSqueeze, Pyramid
 from squeeze_ops.engine.allocators import SensitivityProfile, Squeeze
 from squeeze_ops.engine.planner import allocate
-from tests.allocator_cases import in_context, spiky_similarity, sums
+from tests.allocator_cases import assert_plans_without_host_sync, in_context, spiky_similarity, sums
 
 L = 12
 
@@ -131,15 +131,7 @@ def test_calibrated_follows_the_profile():
 
 @pytest.mark.parametrize("allocator", RESEARCH[::2], ids=lambda a: a.describe())
 def test_allocation_traces_without_host_sync(allocator):
-    """fullgraph=True fails on any graph break, e.g. a .item() or .tolist() of a tensor."""
-    lens = torch.tensor([100, 37, 250], dtype=torch.int32)
-    cos_sum = sums(spiky_similarity(3), lens)
-
-    def plan(c, n):
-        return allocate(c, n, allocator, b_init=0.25, horizon=n + 16, min_budget=2).budgets
-
-    compiled = torch.compile(plan, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(cos_sum, lens), plan(cos_sum, lens))
+    assert_plans_without_host_sync(allocator)
 
 
 @pytest.mark.parametrize("make", [
