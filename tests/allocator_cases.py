@@ -44,3 +44,17 @@ def assert_plans_without_host_sync(allocator):
 
     compiled = torch.compile(plan, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(cos_sum, lens), plan(cos_sum, lens))
+
+
+def assert_totals_conserved(allocator, b_init, L=12):
+    """Four ragged prompts: int32 [4, L] budgets that sum to L x floor(b_init x prompt) per
+    sequence, within [min_budget, horizon]."""
+    from squeeze_ops.engine.planner import allocate
+
+    lens = torch.tensor([200, 77, 513, 31])
+    plan = allocate(sums(spiky_similarity(4, L), lens), lens, allocator, b_init=b_init, horizon=lens + 16,
+                    min_budget=2)
+    base = (lens.double() * b_init).float().floor().long()
+    assert plan.budgets.dtype == torch.int32 and plan.budgets.shape == (4, L)
+    assert torch.equal(plan.budgets.sum(1).long(), L * base)
+    assert (plan.budgets >= 2).all() and (plan.budgets <= (lens + 16)[:, None]).all()

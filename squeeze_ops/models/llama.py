@@ -165,7 +165,7 @@ class LlamaRunner:
             raise ValueError(f"tokens: expected device {self.device} (that of the model), got {tokens.device}")
         if tokens.shape[0] < cache.batch:
             raise ValueError(f"tokens: expected one per active sequence ({cache.batch}) or more, got {tokens.shape[0]}")
-        width = cache.begin_step(tokens.shape[0])
+        cache.begin_step(tokens.shape[0])
         logits = self.decode_rows(cache, tokens)
         cache.end_step()
         return logits

@@ -9,7 +9,7 @@ from squeeze_ops.engine.allocators import Allocator, Fixed, SimilarityWeighted, 
 from squeeze_ops.engine.cache import PrefillRecord, SqueezeKVCache
 from squeeze_ops.engine.planner import allocate, diagnose
 from squeeze_ops.engine.policies import PrefillNeeds, SequencePolicy, SqueezeSettings
-from tests.allocator_cases import assert_plans_without_host_sync, spiky_similarity, sums
+from tests.allocator_cases import assert_plans_without_host_sync, assert_totals_conserved, spiky_similarity, sums
 
 L = 12
 
@@ -20,13 +20,7 @@ REDISTRIBUTING = [SimilarityWeighted(1.0, 0.25, 4.0), SimilarityWeighted(2.0, 0.
 @pytest.mark.parametrize("allocator", REDISTRIBUTING + [Uniform()], ids=lambda a: a.describe())
 @pytest.mark.parametrize("b_init", [0.1, 0.23, 0.5])
 def test_totals_conserved(allocator, b_init):
-    lens = torch.tensor([200, 77, 513, 31])
-    plan = allocate(sums(spiky_similarity(4), lens), lens, allocator, b_init=b_init, horizon=lens + 16,
-                    min_budget=2)
-    base = (lens.double() * b_init).float().floor().long()
-    assert plan.budgets.dtype == torch.int32 and plan.budgets.shape == (4, L)
-    assert torch.equal(plan.budgets.sum(1).long(), L * base)
-    assert (plan.budgets >= 2).all() and (plan.budgets <= (lens + 16)[:, None]).all()
+    assert_totals_conserved(allocator, b_init, L)
 
 
 def test_faithful_squeeze_is_layer_budgets_and_loses_only_rounding():

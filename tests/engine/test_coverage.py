@@ -3,7 +3,6 @@ observation-window scores), retained mass per policy (vs the kept positions of t
 reference), totals and bounds, the minimax share, tracing without host sync, engine wiring;
 and in-context sensitivity profiles for Calibrated."""
 import json
-import math
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 against a step-by-step reference simulation (squeeze_ops.reference.decode_step_) over many steps."""
 import pytest
 import torch
-from paged_cases import (POLICIES, assert_same_cache, dense_cache, expect_error, kept_positions, random_cache, rows,
+from paged_cases import (POLICIES, assert_same_cache, dense_cache, expect_error, kept_positions, random_cache,
                          scores_by_position)
 from paged_cases import one_intra_op_thread  # noqa: F401  (autouse fixture)
 

@@ -10,7 +10,7 @@ import torch
 from research.allocators import Calibrated, ClampedSqueeze, Pyramid
 from squeeze_ops.engine.allocators import SensitivityProfile, Squeeze
 from squeeze_ops.engine.planner import allocate
-from tests.allocator_cases import assert_plans_without_host_sync, in_context, spiky_similarity, sums
+from tests.allocator_cases import assert_plans_without_host_sync, assert_totals_conserved, in_context, spiky_similarity, sums
 
 L = 12
 
@@ -29,13 +29,7 @@ RESEARCH = [ClampedSqueeze(0.3), Pyramid(3.0), Calibrated(profile()), Calibrated
 @pytest.mark.parametrize("allocator", RESEARCH, ids=lambda a: a.describe())
 @pytest.mark.parametrize("b_init", [0.1, 0.23, 0.5])
 def test_totals_conserved(allocator, b_init):
-    lens = torch.tensor([200, 77, 513, 31])
-    plan = allocate(sums(spiky_similarity(4), lens), lens, allocator, b_init=b_init, horizon=lens + 16,
-                    min_budget=2)
-    base = (lens.double() * b_init).float().floor().long()
-    assert plan.budgets.dtype == torch.int32 and plan.budgets.shape == (4, L)
-    assert torch.equal(plan.budgets.sum(1).long(), L * base)
-    assert (plan.budgets >= 2).all() and (plan.budgets <= (lens + 16)[:, None]).all()
+    assert_totals_conserved(allocator, b_init, L)
 
 
 @pytest.mark.parametrize("b_init", [0.07, 0.31, 1.0])
