@@ -429,22 +429,40 @@ def squeeze_cache_generator(model, policy, settings, max_new_tokens):
     return generate
 
 
-def engine_specs(fraction):
-    """The named engine settings of the command line: name -> (policy, settings or None);
-    "hf" (transformers' generate) is handled apart."""
+def engine_spec(name, fraction):
+    """(policy, settings or None) of a command-line spec at a uniform KV budget `fraction`
+    ("hf", transformers' generate, is handled apart): a name of NAMED_SPECS, or a policy with
+    its fields, "kind:field=value:..." (e.g. "h2o:score_queries=1:recent_ratio=0"; values
+    are ints, floats or pool modes)."""
     from squeeze_ops.engine.policies import SequencePolicy, SqueezeSettings
 
-    at = SqueezeSettings.uniform(b_init=fraction)
-    return {
-        "full": (SequencePolicy.window(), None),
-        "window": (SequencePolicy.window(), at),
-        "streaming": (SequencePolicy.streaming(4), at),
-        "h2o": (SequencePolicy.h2o(), at),
-        "h2o-w32": (SequencePolicy.h2o(score_queries=32), at),
-        "h2o-w1": (SequencePolicy.h2o(score_queries=1), at),
-        # SnapKV's selection: the last 32 queries' scores max-pooled over 7 neighbours.
-        "snapkv": (SequencePolicy.h2o(score_queries=32, pool_size=7), at),
-    }
+    if name == "full":
+        return SequencePolicy.window(), None
+    kind, *fields = NAMED_SPECS.get(name, name).split(":")
+    values = {}
+    for field in fields:
+        key, _, value = field.partition("=")
+        try:
+            values[key] = int(value)
+        except ValueError:
+            values[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+    try:
+        policy = SequencePolicy(kind, **values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"spec {name!r}: {e}") from None
+    return policy, SqueezeSettings.uniform(b_init=fraction)
+
+
+# The named specs of the command line (besides "full", the full cache, and "hf").
+NAMED_SPECS = {
+    "window": "window",
+    "streaming": "streaming:sinks=4",
+    "h2o": "h2o",
+    "h2o-w32": "h2o:score_queries=32",
+    "h2o-w1": "h2o:score_queries=1",
+    # SnapKV's selection: the last 32 queries' scores max-pooled over 7 neighbours.
+    "snapkv": "h2o:score_queries=32:pool_size=7",
+}
 
 
 TASK_NAMES = {t.name: t for t in (PassKey(), MultiKey(2), MultiKey(4), MultiValue(2), MultiValue(4),
@@ -459,8 +477,9 @@ def main(argv=None):
     parser.add_argument("--specs", default="hf,full",
                         help="comma list: hf (transformers generate, full cache), full, window, streaming, h2o, "
                              "h2o-w32, h2o-w1, snapkv (library engine; h2o-wN scores by the last N prompt queries, "
-                             "snapkv by the last 32 max-pooled over 7 positions); hf-<spec>: that spec through "
-                             "transformers' generate with a SqueezeCache")
+                             "snapkv by the last 32 max-pooled over 7 positions), a policy with its fields "
+                             "(kind:field=value:..., e.g. h2o:score_queries=1:recent_ratio=0); hf-<spec>: that "
+                             "spec through transformers' generate with a SqueezeCache")
     parser.add_argument("--fraction", type=float, default=0.2, help="uniform KV budget of the compressed specs")
     parser.add_argument("--tasks", default=",".join(t.name for t in default_tasks()),
                         help=f"comma list of {sorted(TASK_NAMES)}")
@@ -485,16 +504,15 @@ def main(argv=None):
     trials = suite(tokenizer, text, contexts, args.trials, args.seed, tasks, reserve=args.max_new_tokens)
     print(f"{len(trials)} trials, prompt lengths {min(t.meta['length'] for t in trials)}-"
           f"{max(t.meta['length'] for t in trials)} tokens; setup {time.perf_counter() - t0:.1f}s", flush=True)
-    specs = engine_specs(args.fraction)
     stop = [model.generation_config.eos_token_id]
     tokens = {}
     for name in args.specs.split(","):
         if name == "hf":
             generate = transformers_generator(model, args.max_new_tokens)
         elif name.startswith("hf-"):  # the same spec through model.generate with a SqueezeCache
-            generate = squeeze_cache_generator(model, *specs[name[3:]], args.max_new_tokens)
+            generate = squeeze_cache_generator(model, *engine_spec(name[3:], args.fraction), args.max_new_tokens)
         else:
-            generate = engine_generator(runner, *specs[name], args.max_new_tokens)
+            generate = engine_generator(runner, *engine_spec(name, args.fraction), args.max_new_tokens)
         t1 = time.perf_counter()
 
         def progress(i, n, o):

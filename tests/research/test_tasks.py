@@ -208,3 +208,20 @@ def test_variable_value_asks_the_end_of_the_first_chain(tok, filler):
     assert len(re.findall(r"VAR [A-Z]{5} = \d+", text)) == 2
     with pytest.raises(ValueError, match="ask"):
         tasks.VariableTracking(ask="first")
+
+
+def test_engine_specs_name_policies_with_their_fields():
+    from squeeze_ops.engine.policies import SequencePolicy
+
+    policy, settings = tasks.engine_spec("snapkv", 0.2)
+    assert policy == SequencePolicy.h2o(score_queries=32, pool_size=7) and settings.b_init == 0.2
+    assert tasks.engine_spec("full", 0.2) == (SequencePolicy.window(), None)
+    policy, _ = tasks.engine_spec("h2o:score_queries=1:recent_ratio=0.25:pool_mode=avg:pool_size=3", 0.3)
+    assert policy == SequencePolicy.h2o(score_queries=1, recent_ratio=0.25, pool_size=3, pool_mode="avg")
+    assert tasks.engine_spec("streaming", 0.3)[0] == SequencePolicy.streaming(4)
+    with pytest.raises(ValueError, match="spec 'h2o:pool_size=2'.*pool_size"):
+        tasks.engine_spec("h2o:pool_size=2", 0.2)
+    with pytest.raises(ValueError, match="spec 'h2o:window=3'"):
+        tasks.engine_spec("h2o:window=3", 0.2)
+    with pytest.raises(ValueError, match="spec 'lru'.*kind"):
+        tasks.engine_spec("lru", 0.2)
