@@ -31,14 +31,14 @@ of tokens. A decode step reads nothing back to the host.
 """
 import itertools
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .allocators.base import describe
 from .planner import allocate, diagnose
 from .policies import NO_SCORES, PrefillNeeds, SequencePolicy, prefill_needs
-from .pool import PagePool
+from .pool import PagePool, PoolExhausted
 from .signals import attention_perturbation, observed_attention, pad_observed
 
 
@@ -544,11 +544,11 @@ class SqueezeKVCache:
             table = _table(pages, counts, device)
             lens = torch.zeros(self.num_layers, len(source), self.num_kv_heads, dtype=torch.int32, device=device)
             self._compress_record(record, source, plan.budgets, table, lens)
-            peak = record.nbytes + self.pool.kv_bytes(self._pages_owned() + int(counts.sum()))
+            peak = record.nbytes + self.pool.kv_bytes(self.pages_owned() + int(counts.sum()))
         else:
             staged = sum(map(len, reserved.pages.values()))
             pages, table, lens = self._shrink(reserved, plan.budgets, counts)
-            peak = reserved.transient + record.nbytes + self.pool.kv_bytes(self._pages_owned() + staged)
+            peak = reserved.transient + record.nbytes + self.pool.kv_bytes(self.pages_owned() + staged)
             record.reserved = None
         self._peak = max(self._peak, peak)
         return self._install(record, source, steps, plan, pages, table, lens)
@@ -631,7 +631,80 @@ class SqueezeKVCache:
             self._positions[last] = 0
             self._seqs.pop()
 
-    def _pages_owned(self):
+    def reorder(self, rows, grow=False):
+        """The active sequences rearranged between steps (beam search, batch selection): new
+        row i continues old row rows[i]. A row listed again is forked: the later copies get
+        pages of their own holding the same slots (K, V, positions, scores), and the copies
+        evolve apart from then on; rows not listed are retired, their pages back to the pool.
+
+        Args:
+            rows: old row indices (ints, or an int tensor; repeats allowed, any length).
+            grow: when the forks need more pages than the pool has free (counting the pages of
+                the rows not listed), grow the pool (PagePool.grow) instead of refusing: for a
+                pool this cache owns alone.
+        Returns:
+            the ids of the new rows (a first copy keeps its sequence's id, forks get new ones).
+        Raises ValueError for a row that is not active and (grow False) PoolExhausted when the
+        forks need more pages than are free once the unlisted rows are retired, both before any
+        change.
+        Host-side (the row list is read to the host); a captured CUDA graph stays valid only
+        while the batch keeps its width.
+        """
+        rows = [int(r) for r in (rows.tolist() if isinstance(rows, torch.Tensor) else rows)]
+        bad = [r for r in rows if not 0 <= r < self.batch]
+        if bad:
+            raise ValueError(f"rows: {bad} are not active rows (0 .. {self.batch - 1})")
+        listed = set(rows)
+        dropped = [p for r, seq in enumerate(self._seqs) if r not in listed for pages in seq.pages.values()
+                   for p in pages]
+        needed = sum(len(p) for r in rows for p in self._seqs[r].pages.values())
+        short = needed - self.pool.free_pages - self.pages_owned()
+        if short > 0 and grow:
+            self.pool.grow(short)
+        elif short > 0:
+            raise PoolExhausted(f"pool: rows {rows} need {needed} pages, {self.pool.free_pages} are free and "
+                                f"{self.pages_owned()} held")
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        lens, budget, positions = self.lens[:, index], self.row_budget[:, index], self._positions[index]
+        self.pool.release(dropped)
+        seqs, kept, source, target = [], set(), [], []
+        for r in rows:
+            seq = self._seqs[r]
+            if r not in kept:
+                kept.add(r)
+                seqs.append(seq)
+                continue
+            pages = {key: self.pool.allocate(len(p)) for key, p in seq.pages.items()}
+            for key, p in seq.pages.items():
+                source += p
+                target += pages[key]
+            seqs.append(replace(seq, id=self._next_id, pages=pages))
+            self._next_id += 1
+        if source:
+            src = torch.tensor(source, dtype=torch.long, device=self.device)
+            dst = torch.tensor(target, dtype=torch.long, device=self.device)
+            for t in self.pool.tensors:
+                t[dst] = t[src]
+        counts = torch.tensor([[[len(s.pages[(layer, h)]) for h in range(self.num_kv_heads)]
+                                for layer in range(self.num_layers)] for s in seqs], dtype=torch.int32)
+        counts = counts.view(len(seqs), self.num_layers, self.num_kv_heads)
+        table = _table({(i, layer, h): s.pages[(layer, h)] for i, s in enumerate(seqs) for (layer, h) in s.pages},
+                       counts, self.device)
+        B = len(seqs)
+        self._grow(B, table.shape[-1])
+        M = table.shape[-1]
+        self.tables[:, :B, :, :M] = table
+        self.tables[:, :B, :, M:] = -1
+        self.lens[:, :B], self.row_budget[:, :B], self._positions[:B] = lens, budget, positions
+        self.tables[:, B:] = -1
+        self.lens[:, B:] = 0
+        self.row_budget[:, B:] = 0
+        self._positions[B:] = 0
+        self._seqs = seqs
+        return [s.id for s in seqs]
+
+    def pages_owned(self):
+        """Pages the active sequences hold."""
         return sum(len(p) for s in self._seqs for p in s.pages.values())
 
     # ---- decoding ----
@@ -690,7 +763,7 @@ class SqueezeKVCache:
         """Byte accounting of the active sequences (see MemoryReport)."""
         pool, L, Hkv, B = self.pool, self.num_layers, self.num_kv_heads, self.batch
         S = pool.page_size
-        pages = self._pages_owned()
+        pages = self.pages_owned()
         budgets = self.row_budget[:, :B].cpu()
         per_layer = [sum(len(s.pages[(layer, h)]) for s in self._seqs for h in range(Hkv)) for layer in range(L)]
         full = sum(L * Hkv * pool.pages_for(s.horizon) for s in self._seqs)

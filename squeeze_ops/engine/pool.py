@@ -62,6 +62,20 @@ class PagePool:
         del self._free[len(self._free) - count:]
         return taken
 
+    def grow(self, count):
+        """`count` more pages, free (a host-side reallocation of the pool's tensors, the pages held
+        keep their ids and contents; whatever captured the old tensors, a CUDA graph, must be
+        made again). For a pool owned by one cache (models.hf.SqueezeCache); an engine sizes
+        its pool once."""
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"count: expected an int >= 0, got {count!r}")
+        P = self.num_pages
+        self.k = torch.cat([self.k, self.k.new_empty(count, *self.k.shape[1:])])
+        self.v = torch.cat([self.v, self.v.new_empty(count, *self.v.shape[1:])])
+        self.pos = torch.cat([self.pos, self.pos.new_full((count, self.page_size), -1)])
+        self.score = torch.cat([self.score, self.score.new_zeros(count, self.page_size)])
+        self._free[:0] = range(P + count - 1, P - 1, -1)  # below the stack: the lowest ids still go first
+
     def release(self, pages):
         """Pages back to the free list (their slots are cleared: position -1, score 0)."""
         if pages:

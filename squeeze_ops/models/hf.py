@@ -32,9 +32,10 @@ logical length (padded prompt + tokens generated), as generate expects.
 Served: Llama, Mistral (full attention), Qwen2 and Qwen3 decoder blocks (model_type llama,
 mistral, qwen2, qwen3), any RoPE (keys are cached after RoPE and never re-rotated, as in
 transformers' own cache). Refused with a ValueError: other architectures, sliding-window
-layers. Not supported (clear errors): beam search (reorder_cache), crop (assisted decoding),
-batch_select_indices / batch_repeat_interleave, and any forward of more than one token after the
-prompt (multi-turn continuation, chunked prefill); reset() makes the cache empty again.
+layers. Beam search, batch selection and repetition go through SqueezeKVCache.reorder (a beam
+chosen twice is forked into pages of its own). Refused with a ValueError: crop (assisted
+decoding: tokens once appended cannot be taken back) and any forward of more than one token
+after the prompt (multi-turn continuation, chunked prefill); reset() makes the cache empty again.
 A forward of the model without a SqueezeCache (another cache or use_cache=False) runs
 transformers' SDPA attention with the causal and padding masks.
 """
@@ -101,20 +102,6 @@ class SqueezeLayer(CacheLayerMixin):
 
     def prefetch(self):
         pass
-
-    def reorder_cache(self, beam_idx):
-        raise NotImplementedError("SqueezeCache: beam search reorders sequences between steps; a squeezed "
-                                  "cache keeps one compressed history per sequence: use greedy or sampling")
-
-    def crop(self, max_length):
-        raise NotImplementedError("SqueezeCache: crop (assisted decoding) cannot restore evicted tokens")
-
-    def batch_repeat_interleave(self, repeats):
-        raise NotImplementedError("SqueezeCache: batch_repeat_interleave is not supported; expand the inputs "
-                                  "before the prompt's forward (num_return_sequences does)")
-
-    def batch_select_indices(self, indices):
-        raise NotImplementedError("SqueezeCache: batch_select_indices is not supported")
 
 
 @dataclass
@@ -205,6 +192,37 @@ class SqueezeCache(Cache):
         for layer in self.layers:
             layer.reset()
 
+    def reorder_cache(self, beam_idx):
+        """Beam search: sequence i continues sequence beam_idx[i] (SqueezeKVCache.reorder: a beam
+        chosen twice is forked into pages of its own). Reads beam_idx to the host."""
+        self._reorder(beam_idx)
+
+    def batch_select_indices(self, indices):
+        """Keeps the sequences `indices` (in that order); the others' pages go back to the pool."""
+        self._reorder(indices)
+
+    def batch_repeat_interleave(self, repeats):
+        """Every sequence repeated `repeats` times in place (forks with pages of their own)."""
+        if self.kv is not None:
+            self._reorder([b for b in range(self.kv.batch) for _ in range(repeats)])
+
+    def _reorder(self, rows):
+        if self._prefill is not None:
+            raise RuntimeError("SqueezeCache: the batch cannot change during the prompt's forward")
+        if self.kv is None:  # before the prompt nothing is stored: the prompt's forward sets the batch
+            return
+        self.kv.reorder(rows, grow=True)  # the pool is this cache's own
+
+    def crop(self, max_length):
+        """A crop that removes nothing (max_length >= the tokens seen) does nothing; any other is
+        refused: appending those tokens may have evicted others, so they cannot be taken back."""
+        seen = self.get_seq_length()
+        if 0 <= seen <= max_length:
+            return
+        raise ValueError(f"SqueezeCache: crop({max_length}) of a cache that has seen {seen} tokens (assisted "
+                         "decoding): a squeezed cache cannot take tokens back, since appending them may have "
+                         "evicted others; use greedy, sampling or beam search")
+
     @property
     def is_compileable(self):
         return False
@@ -283,7 +301,8 @@ class SqueezeCache(Cache):
         if layer == 0:
             if B != self.kv.batch:
                 raise ValueError(f"SqueezeCache: a forward of {B} sequences, the cache holds {self.kv.batch} "
-                                 "(beam search and batch changes after the prompt are not supported)")
+                                 "(between forwards the batch changes through reorder_cache, batch_select_indices or "
+                                 "batch_repeat_interleave)")
             if self._steps >= self.max_new_tokens - 1:
                 raise ValueError(f"max_new_tokens: this SqueezeCache was made for {self.max_new_tokens} new "
                                  f"tokens ({self.max_new_tokens - 1} decode forwards after the prompt's); make it "

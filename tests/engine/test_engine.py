@@ -87,6 +87,19 @@ def test_pool_hands_out_free_pages_only_and_refuses_when_short():
 
 # ---- the cache ----
 
+def test_a_grown_pool_keeps_its_pages_and_hands_out_the_new_ones_last():
+    pool = PagePool(3, 2, D, torch.float32, "cpu")
+    held = pool.allocate(2)
+    pool.k[held] = 1.0
+    pool.pos[held] = 7
+    pool.grow(4)
+    assert pool.num_pages == 7 and pool.free_pages == 5 and (pool.k[held] == 1.0).all() and (pool.pos[held] == 7).all()
+    assert (pool.pos[3:] == -1).all() and (pool.score[3:] == 0).all()
+    assert pool.allocate(5) == [2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match="^count"):
+        pool.grow(-1)
+
+
 def _record(lens, dtype=torch.float32, scores=True, observe=0, policy=None):
     """A prefill record with random prompt K/V, scores and similarity sums; its needs are those
     of `policy` when given."""
@@ -292,6 +305,83 @@ def test_retirement_frees_pages_and_reuse_reads_nothing_stale():
             assert all(torch.equal(a, b) for a, b in zip(got, want))
     with pytest.raises(ValueError, match="^ids:"):
         cache.retire([first[0]])
+
+
+def _decode(cache, inputs):
+    """One decode step of every layer; inputs: per row (q [H, D], k [Hkv, D], v [Hkv, D]) of
+    every layer. Returns the outputs [L, B, H, D]."""
+    width = cache.begin_step()
+    outs = []
+    for layer in range(L):
+        q, k, v = (torch.stack([row[layer][i] for row in inputs]) for i in range(3))
+        outs.append(cache.attend(layer, q, k, v, D ** -0.5))
+    cache.advance(width)
+    cache.end_step()
+    return torch.stack(outs)
+
+
+def _step_inputs(rows):
+    return [[(torch.randn(HKV * GROUP, D), torch.randn(HKV, D), torch.randn(HKV, D)) for _ in range(L)]
+            for _ in range(rows)]
+
+
+@pytest.mark.parametrize("policy", [SequencePolicy.h2o(), SequencePolicy.streaming(2)], ids=["h2o", "streaming"])
+def test_reorder_forks_rows_that_continue_like_their_source(policy):
+    """Beam search's reorder: rows [1, 1, 0] of a cache decoded 3 steps continue exactly like
+    a cache that decoded sequences 1, 1, 0 from the start (admitted as forks); sequence 2's
+    pages go back to the pool, the fork's pages are its own."""
+    lens = [9, 6, 11]
+    record = _record(lens, policy=policy)
+    settings = [SqueezeSettings.uniform(base_tokens=4), None, SqueezeSettings.uniform(base_tokens=5)]
+    cache = SqueezeKVCache(_pool(), L, HKV, policy)
+    ids = cache.admit(record, settings, 6)
+    twin = SqueezeKVCache(_pool(), L, HKV, policy)
+    twin.admit(record, [settings[1], settings[1], settings[0]], 6, source=[1, 1, 0])
+    for _ in range(3):
+        inputs = _step_inputs(3)
+        _decode(cache, inputs)
+        _decode(twin, [inputs[1], inputs[1], inputs[0]])
+    free, pages = cache.pool.free_pages, cache.memory().pages
+    new_ids = cache.reorder(torch.tensor([1, 1, 0]))
+    assert new_ids[0] == ids[1] and new_ids[2] == ids[0] and new_ids[1] not in ids
+    assert cache.ids == new_ids and cache.batch == 3
+    held = [sum(len(p) for p in s.pages.values()) for s in cache._seqs]
+    assert cache.memory().pages == sum(held) and cache.pool.free_pages == free + pages - sum(held)
+    owned = [p for s in cache._seqs for pages in s.pages.values() for p in pages]
+    assert len(owned) == len(set(owned))
+    for _ in range(3):
+        inputs = _step_inputs(3)
+        got, want = _decode(cache, inputs), _decode(twin, inputs)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(cache.lens[:, :3], twin.lens[:, :3]) and torch.equal(cache.positions, twin.positions)
+    for b in range(3):
+        for layer in range(L):
+            for h in range(HKV):
+                assert all(torch.equal(x, y) for x, y in zip(_row(cache, b, layer, h), _row(twin, b, layer, h)))
+
+
+def test_reorder_selects_repeats_and_refuses_before_any_change():
+    lens = [8, 5]
+    record = _record(lens)
+    policy, settings = SequencePolicy.h2o(), SqueezeSettings.uniform(base_tokens=4)
+    cache = SqueezeKVCache(_pool(pages=2 * L * HKV * 2 + 1), L, HKV, policy)  # 2 pages a row, one spare
+    ids = cache.admit(record, settings, 3)
+    state = [t.clone() for t in (cache.tables, cache.lens, cache.row_budget, cache.positions)]
+    with pytest.raises(ValueError, match="^rows: \\[2\\]"):
+        cache.reorder([0, 2])
+    with pytest.raises(PoolExhausted, match="rows \\[0, 0, 1\\] need 60 pages, 1 are free and 40 held"):
+        cache.reorder([0, 0, 1])  # a third sequence's pages do not fit
+    after = (cache.tables, cache.lens, cache.row_budget, cache.positions)
+    assert cache.ids == ids and all(torch.equal(a, b) for a, b in zip(state, after))
+    assert cache.reorder([1]) == [ids[1]] and cache.batch == 1
+    assert (cache.tables[:, 1] == -1).all() and (cache.lens[:, 1] == 0).all()  # a padding row now
+    with pytest.raises(PoolExhausted, match="need 60 pages, 21 are free and 20 held"):
+        cache.reorder([0, 0, 0])
+    forks = cache.reorder([0, 0])  # the pages sequence 0 gave back hold a copy of sequence 1
+    assert forks[0] == ids[1] and forks[1] not in ids and cache.batch == 2 and cache.pool.free_pages == 1
+    cache.reorder([0, 1, 1], grow=True)  # 60 pages needed, 41 in the pool: it grows by 19
+    assert cache.pool.num_pages == 60 and cache.pool.free_pages == 0 and cache.batch == 3
+    assert cache.reorder([]) == [] and cache.pool.free_pages == cache.pool.num_pages
 
 
 def test_a_full_pool_refuses_and_changes_nothing():

@@ -191,6 +191,67 @@ def test_reset_makes_the_cache_reusable():
     assert torch.equal(first.sequences, again.sequences)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_beam_search_equals_transformers_when_budgets_cover(family):
+    """reorder_cache forks the chosen beams (SqueezeKVCache.reorder): with budgets covering the
+    sequence, beam search gives transformers' own beams and scores."""
+    model = _tiny(family)
+    _, ids, mask = _batch()
+    beams = dict(num_beams=3, num_return_sequences=2, do_sample=False, output_scores=True)
+    ref = _generate(model, ids, mask, **beams)
+    cache = SqueezeCache(model, SequencePolicy.h2o(), None, max_new_tokens=NEW)
+    try:
+        ours = _generate(model, ids, mask, cache, **beams)
+    finally:
+        _restore(model)
+    assert torch.equal(ours.sequences, ref.sequences)
+    torch.testing.assert_close(ours.sequences_scores, ref.sequences_scores, rtol=1e-5, atol=1e-5)
+    assert cache.kv.batch == 3 * len(LENS)
+
+
+def test_beam_search_runs_on_squeezed_caches():
+    model = _tiny("llama")
+    _, ids, mask = _batch()
+    cache = SqueezeCache(model, SequencePolicy.h2o(), SqueezeSettings.uniform(base_tokens=4), max_new_tokens=NEW)
+    try:
+        out = _generate(model, ids, mask, cache, num_beams=2, do_sample=False)
+    finally:
+        _restore(model)
+    assert out.sequences.shape == (len(LENS), WIDTH + NEW)
+    assert cache.kv.memory().slots_held <= cache.kv.batch * model.config.num_hidden_layers * 2 * 4
+
+
+def test_batch_selection_and_repetition_follow_transformers_cache():
+    """batch_select_indices / batch_repeat_interleave between forwards, with budgets covering
+    the sequence: the next forward's logits are those of transformers' DynamicCache after the
+    same change."""
+    model = _tiny("qwen2")
+    _, ids, mask = _batch()
+    theirs = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, past_key_values=theirs)
+    cache = SqueezeCache(model, SequencePolicy.h2o(), None, max_new_tokens=4)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            token = ref.logits[:, -1].argmax(-1, keepdim=True)
+            rows = torch.tensor([2, 0])
+            for c in (theirs, cache):
+                c.batch_select_indices(rows)
+                c.batch_repeat_interleave(2)
+            rows = rows.repeat_interleave(2)
+            mask2 = torch.cat([mask[rows], torch.ones(4, 1, dtype=torch.long)], 1)
+            position = mask[rows].sum(1, keepdim=True)
+            want = model(input_ids=token[rows], attention_mask=mask2, position_ids=position,
+                         past_key_values=theirs).logits
+            got = model(input_ids=token[rows], attention_mask=mask2, position_ids=position,
+                        past_key_values=cache).logits
+    finally:
+        _restore(model)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert cache.kv.batch == 4
+
+
 def test_forward_without_a_squeeze_cache_is_transformers_sdpa():
     model = _tiny("qwen2")
     _, ids, mask = _batch()
@@ -215,11 +276,11 @@ def test_what_it_cannot_serve_is_refused():
     _, ids, mask = _batch()
     policy = SequencePolicy.h2o()
     try:
-        with pytest.raises(NotImplementedError, match="beam search"):
-            _generate(model, ids, mask, SqueezeCache(model, policy, None, max_new_tokens=NEW), num_beams=2,
-                      do_sample=False)
         cache = SqueezeCache(model, policy, None, max_new_tokens=NEW)
         _generate(model, ids, mask, cache, do_sample=False)
+        cache.crop(cache.get_seq_length())  # removes nothing
+        with pytest.raises(ValueError, match="crop"):  # assisted decoding
+            cache.crop(cache.get_seq_length() - 2)
         longer = torch.cat([ids, torch.ones(3, NEW + 4, dtype=torch.long)], 1)
         with pytest.raises(ValueError, match="after the prompt"):  # multi-turn continuation
             _generate(model, longer, torch.ones_like(longer), cache, do_sample=False)
