@@ -625,10 +625,7 @@ class SqueezeKVCache:
                     t[:, row] = t[:, last]
                 self._positions[row] = self._positions[last]
                 self._seqs[row] = self._seqs[last]
-            self.tables[:, last] = -1
-            self.lens[:, last] = 0
-            self.row_budget[:, last] = 0
-            self._positions[last] = 0
+            self._pad(last)
             self._seqs.pop()
 
     def reorder(self, rows, grow=False):
@@ -696,12 +693,16 @@ class SqueezeKVCache:
         self.tables[:, :B, :, :M] = table
         self.tables[:, :B, :, M:] = -1
         self.lens[:, :B], self.row_budget[:, :B], self._positions[:B] = lens, budget, positions
-        self.tables[:, B:] = -1
-        self.lens[:, B:] = 0
-        self.row_budget[:, B:] = 0
-        self._positions[B:] = 0
+        self._pad(slice(B, None))
         self._seqs = seqs
         return [s.id for s in seqs]
+
+    def _pad(self, rows):
+        """Rows (an index or a slice) become padding rows: no pages, nothing held, position 0."""
+        self.tables[:, rows] = -1
+        self.lens[:, rows] = 0
+        self.row_budget[:, rows] = 0
+        self._positions[rows] = 0
 
     def pages_owned(self):
         """Pages the active sequences hold."""
