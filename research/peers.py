@@ -165,10 +165,16 @@ def _nll_job(args, runner, tokenizer, model, log):
 
     text = evaluation.botchan_text(args.data_dir or evaluation.DEFAULT_DATA_DIR)
     wins = evaluation.windows(evaluation.tokenize(tokenizer, text), args.prompt_len, args.gen_len, args.windows)
+    from squeeze_ops.engine.calibration import score_batch
+    from squeeze_ops.engine.policies import prefill_needs
+
+    from .tasks import engine_spec
+
     ratio = equal_kv_ratio(args.fraction, args.prompt_len, args.gen_len)
     cell = evaluation.Cell("streaming", args.fraction)
-    names = args.presses.split(",")
-    rows = {k: [] for k in ("library full", "transformers full", "library streaming", *names)}
+    names = [n for n in args.presses.split(",") if n]
+    specs = {f"library {n}": engine_spec(n, args.fraction) for n in args.library_specs.split(",") if n}
+    rows = {k: [] for k in ("library full", "transformers full", "library streaming", *specs, *names)}
     log(f"NLL: {len(wins)} windows of {args.prompt_len}+{args.gen_len}, library fraction {args.fraction}, "
         f"kvpress ratio {ratio:.4f}")
     for w, (prompt, cont) in enumerate(wins):
@@ -176,6 +182,10 @@ def _nll_job(args, runner, tokenizer, model, log):
         lib = evaluation.evaluate_window(runner, prompt, cont, [cell])
         rows["library full"].append(lib.full_nll.mean().item())
         rows["library streaming"].append(lib.nll[cell].mean().item())
+        for label, (policy, settings) in specs.items():  # each with its own prefill (its scores)
+            prefill = runner.prefill([prompt], prefill_needs(policy, settings))
+            _, nll, _ = score_batch(runner, prefill, cont[None].to(runner.device), policy, [settings])
+            rows[label].append(nll.mean().item())
         hf_full, _ = score(model, prompt, cont)
         rows["transformers full"].append(hf_full.mean().item())
         for name in names:
@@ -238,13 +248,16 @@ def _tasks_job(args, runner, tokenizer, model, log):
 
 
 def main(argv=None):
-    """Command line: `nll` (kvpress presses, the library's full cache and uniform StreamingLLM,
-    and transformers' full cache on Botchan windows) or `tasks` (kvpress presses on the
+    """Command line: `nll` (kvpress presses, the library's full cache, uniform StreamingLLM and
+    any --library-specs, and transformers' full cache on Botchan windows) or `tasks` (kvpress presses on the
     retrieval trials of research.tasks)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("job", choices=("nll", "tasks"))
     parser.add_argument("--presses", default=",".join(PRESS_NAMES),
                         help="comma list of PRESS_NAMES; tasks also take none (the full cache through this harness)")
+    parser.add_argument("--library-specs", default="",
+                        help="nll: comma list of research.tasks specs also scored by the library at --fraction "
+                             "(e.g. h2o,h2o:score_queries=32:pool_size=15)")
     parser.add_argument("--fraction", type=float, default=0.2, help="the library's KV budget to match")
     parser.add_argument("--prompt-len", type=int, default=1024, help="nll: P")
     parser.add_argument("--gen-len", type=int, default=128, help="nll: G")
