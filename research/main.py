@@ -17,7 +17,7 @@ import torch
 
 from squeeze_ops.engine.cache import SqueezeKVCache
 from squeeze_ops.engine.policies import SqueezeSettings
-from squeeze_ops.engine.presets import recommended_allocator
+from squeeze_ops.engine.presets import recommended, recommended_allocator
 from squeeze_ops.models.hf import SqueezeCache
 
 from . import evaluation as ev
@@ -115,21 +115,24 @@ def main(argv=None):
 
 def retrieval_line(args, runner, tokenizer, policy, squeeze, progress):
     """Pass-key retrieval (research.tasks) at the prompt length, full vs the demo's squeezed
-    cache, through model.generate with a SqueezeCache: one line of exact-match counts."""
-    progress(f"pass-key retrieval, {args.retrieval_trials} trials x 2 caches")
+    cache vs the configuration recommended for retrieval at the same budget, through
+    model.generate with a SqueezeCache: one line of exact-match counts."""
+    progress(f"pass-key retrieval, {args.retrieval_trials} trials x 3 caches")
     trials = tasks.suite(tokenizer, ev.botchan_text(args.data_dir), [args.prompt_len], args.retrieval_trials,
                          tasks=[tasks.PassKey()], reserve=RETRIEVAL_TOKENS)
     stop = [runner.model.generation_config.eos_token_id]
+    retrieval = recommended(args.budget, workload="retrieval")
     found = {}
-    for name, settings in (("full", None), ("squeeze", squeeze)):
-        generate = tasks.squeeze_cache_generator(runner.model, policy, settings, RETRIEVAL_TOKENS)
+    for name, (pol, settings) in (("full", (policy, None)), ("squeeze", (policy, squeeze)), ("retrieval", retrieval)):
+        generate = tasks.squeeze_cache_generator(runner.model, pol, settings, RETRIEVAL_TOKENS)
         found[name] = sum(o.all_found for o in tasks.run(trials, generate, tokenizer, stop).outcomes)
     runner.model.set_attn_implementation("sdpa")
     depths = ", ".join(f"{t.meta['depth']:g}" for t in trials)
     print(f"## Retrieval: a 5-digit pass key hidden in Botchan, {args.prompt_len}-token prompts, key at depths "
           f"{depths}, exact match (research.tasks; `python -m research.tasks` for the suite)")
     print(f"found: full cache {found['full']}/{len(trials)}, squeeze ({policy.describe()}, b_init {args.budget:g}, "
-          f"p {args.p:g}) {found['squeeze']}/{len(trials)}\n")
+          f"p {args.p:g}) {found['squeeze']}/{len(trials)}, recommended for retrieval ({retrieval[0].describe()}, "
+          f"b_init {args.budget:g}, {type(retrieval[1].allocator).__name__}) {found['retrieval']}/{len(trials)}\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ root so that squeeze_ops and research import from the working tree:
 
     .venv-peers/bin/python -m research.peers nll --windows 4          (kvpress + library, Botchan)
     .venv-peers/bin/python -m research.peers tasks --contexts 2048    (kvpress, retrieval trials)
+    python -m research.peers summary --jsonl a.jsonl,b.jsonl         (the NLL tables of nll runs)
 """
 import argparse
 import contextlib
@@ -212,6 +213,43 @@ def _nll_job(args, runner, tokenizer, model, log):
               f"{_paired(rows['library streaming'], rows['streaming'])} nats/token")
 
 
+def nll_summary(paths):
+    """The NLL table of one or more `nll --jsonl` files, one section per fraction: every method's
+    mean NLL, its paired difference from the library's full cache and from the best press of
+    that fraction (the press of lowest mean NLL; "windows better": where the row is below it),
+    ± the standard error over the windows. Files of one fraction are joined by window; a method
+    scored twice must agree (the library's full cache is in every file). Returns markdown."""
+    cells = {}  # (fraction, window) -> {method: nll}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                key = (row.pop("fraction"), row.pop("window"))
+                row.pop("ratio")
+                cell = cells.setdefault(key, {})
+                for method, nll in row.items():
+                    if method in cell and abs(cell[method] - nll) > 1e-4:
+                        raise ValueError(f"{path}: window {key[1]} at {key[0]}: {method} {nll} != {cell[method]} "
+                                         "of an earlier file")
+                    cell[method] = nll
+    out = []
+    for fraction in sorted({f for f, _ in cells}):
+        wins = [cells[k] for k in sorted(k for k in cells if k[0] == fraction)]
+        methods = [m for m in wins[0] if all(m in w for w in wins)]
+        column = {m: [w[m] for w in wins] for m in methods}
+        presses = [m for m in methods if not m.startswith(("library ", "transformers "))]
+        best = min(presses, key=lambda m: sum(column[m])) if presses else None
+        out.append(f"### {fraction:.0%} KV, {len(wins)} windows" + (f"; best press: {best}" if best else ""))
+        out.append(f"\n| method | mean NLL | vs library full | vs {best or '-'} (windows better) |\n|---|---|---|---|")
+        for m in methods:
+            versus = (f"{_paired(column[m], column[best])} "
+                      f"({sum(a < b for a, b in zip(column[m], column[best]))}/{len(wins)})") if best else "-"
+            out.append(f"| {m} | {sum(column[m]) / len(wins):.4f} | {_paired(column[m], column['library full'])} | "
+                       f"{versus} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def _tasks_job(args, runner, tokenizer, model, log):
     from research import evaluation
 
@@ -249,10 +287,10 @@ def _tasks_job(args, runner, tokenizer, model, log):
 
 def main(argv=None):
     """Command line: `nll` (kvpress presses, the library's full cache, uniform StreamingLLM and
-    any --library-specs, and transformers' full cache on Botchan windows) or `tasks` (kvpress presses on the
-    retrieval trials of research.tasks)."""
+    any --library-specs, and transformers' full cache on Botchan windows), `tasks` (kvpress presses on the
+    retrieval trials of research.tasks) or `summary` (the NLL table of the --jsonl files, a comma list)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("job", choices=("nll", "tasks"))
+    parser.add_argument("job", choices=("nll", "tasks", "summary"))
     parser.add_argument("--presses", default=",".join(PRESS_NAMES),
                         help="comma list of PRESS_NAMES; tasks also take none (the full cache through this harness)")
     parser.add_argument("--library-specs", default="",
@@ -269,8 +307,11 @@ def main(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--jsonl", default=None, help="append every result here")
+    parser.add_argument("--jsonl", default=None, help="append every result here (summary: the files to read)")
     args = parser.parse_args(argv)
+    if args.job == "summary":
+        print(nll_summary(args.jsonl.split(",")))
+        return
 
     from research import evaluation
 

@@ -430,15 +430,21 @@ def squeeze_cache_generator(model, policy, settings, max_new_tokens):
 
 
 def engine_spec(name, fraction):
-    """(policy, settings or None) of a command-line spec at a uniform KV budget `fraction`
+    """(policy, settings or None) of a command-line spec at a KV budget `fraction` of the prompt
     ("hf", transformers' generate, is handled apart): a name of NAMED_SPECS, or a policy with
     its fields, "kind:field=value:..." (e.g. "h2o:score_queries=1:recent_ratio=0"; values
-    are ints, floats or pool modes)."""
+    are ints, floats or pool modes), optionally followed by "@uniform" (the default),
+    "@squeeze" (the authors' formula) or "@recommended" (presets.recommended_allocator of the
+    policy's kind at `fraction`)."""
     from squeeze_ops.engine.policies import SequencePolicy, SqueezeSettings
+    from squeeze_ops.engine.presets import recommended_allocator
 
     if name == "full":
         return SequencePolicy.window(), None
-    kind, *fields = NAMED_SPECS.get(name, name).split(":")
+    spec, _, allocator = name.partition("@")
+    if allocator not in ("", "uniform", "squeeze", "recommended"):
+        raise ValueError(f"spec {name!r}: allocator: expected uniform, squeeze or recommended, got {allocator!r}")
+    kind, *fields = NAMED_SPECS.get(spec, spec).split(":")
     values = {}
     for field in fields:
         key, _, value = field.partition("=")
@@ -450,6 +456,10 @@ def engine_spec(name, fraction):
         policy = SequencePolicy(kind, **values)
     except (TypeError, ValueError) as e:
         raise ValueError(f"spec {name!r}: {e}") from None
+    if allocator == "squeeze":
+        return policy, SqueezeSettings.squeeze(b_init=fraction)
+    if allocator == "recommended":
+        return policy, SqueezeSettings(b_init=fraction, allocator=recommended_allocator(policy.kind, fraction))
     return policy, SqueezeSettings.uniform(b_init=fraction)
 
 
@@ -478,7 +488,8 @@ def main(argv=None):
                         help="comma list: hf (transformers generate, full cache), full, window, streaming, h2o, "
                              "h2o-w32, h2o-w1, snapkv (library engine; h2o-wN scores by the last N prompt queries, "
                              "snapkv by the last 32 max-pooled over 7 positions), a policy with its fields "
-                             "(kind:field=value:..., e.g. h2o:score_queries=1:recent_ratio=0); hf-<spec>: that "
+                             "(kind:field=value:..., e.g. h2o:score_queries=1:recent_ratio=0), any of them with @squeeze or "
+                             "@recommended for that layer allocator instead of uniform budgets; hf-<spec>: that "
                              "spec through transformers' generate with a SqueezeCache")
     parser.add_argument("--fraction", type=float, default=0.2, help="uniform KV budget of the compressed specs")
     parser.add_argument("--tasks", default=",".join(t.name for t in default_tasks()),

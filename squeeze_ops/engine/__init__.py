@@ -7,4 +7,4 @@ from .allocators import (Allocator, CalibratedHeads, Coverage, Fixed, HeadGains,
 from .cache import MemoryReport, PrefillRecord, SqueezeKVCache  # noqa: F401
 from .planner import BudgetPlan, Diagnostics, allocate, diagnose, plan_budgets  # noqa: F401
 from .policies import PrefillNeeds, SequencePolicy, SqueezeSettings, prefill_needs  # noqa: F401
-from .presets import recommended_allocator  # noqa: F401
+from .presets import recommended, recommended_allocator  # noqa: F401

@@ -3,7 +3,7 @@ files they read."""
 import pytest
 
 from squeeze_ops.engine.policies import SequencePolicy
-from squeeze_ops.engine.presets import MODEL_NAME, recommended_allocator
+from squeeze_ops.engine.presets import MODEL_NAME, recommended, recommended_allocator
 
 
 @pytest.mark.parametrize("policy, fraction, family", [
@@ -31,3 +31,17 @@ def test_recommended_allocator_refuses_bad_arguments():
         recommended_allocator("snapkv", 0.2)
     with pytest.raises(ValueError, match="fraction"):
         recommended_allocator("h2o", 0.0)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3])
+def test_recommended_configuration_per_workload(fraction):
+    policy, settings = recommended(fraction)
+    assert policy == SequencePolicy.h2o() and settings.b_init == fraction
+    assert settings.allocator == recommended_allocator("h2o", fraction)
+    policy, settings = recommended(fraction, workload="retrieval")
+    assert policy == SequencePolicy.h2o(score_queries=16, pool_size=15) and settings.b_init == fraction
+    assert settings.allocator == recommended_allocator("h2o", fraction)
+    with pytest.raises(ValueError, match="workload"):
+        recommended(fraction, workload="code")
+    with pytest.raises(ValueError, match="fraction"):
+        recommended(0.0)

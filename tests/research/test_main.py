@@ -16,7 +16,7 @@ def test_main_job_prints_its_report(smollm2, monkeypatch, capsys):
     assert main.main(args) == 0
     out = capsys.readouterr().out
     for heading in ("## Layer profile", "## KV memory", "## Greedy continuation, 4 tokens", "## Quality",
-                    "## Retrieval", "found: full cache ",
+                    "## Retrieval", "found: full cache ", "recommended for retrieval (h2o(",
                     "Claim 1:", "Claim 2:", "## The allocators the held-out evaluation recommends"):
         assert heading in out, heading
     table = out.split("## The allocators the held-out evaluation recommends")[1].splitlines()

@@ -1,6 +1,7 @@
 """The kvpress harness: the equal-KV ratio without anything installed; the presses and a tiny
 run on SmolLM2 where kvpress and the model wheel are installed (else skipped)."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -31,6 +32,25 @@ def test_equal_kv_ratio_refuses_a_budget_the_growth_alone_exceeds():
 def test_every_press_is_built_at_the_ratio(name):
     press = peers.make_press(name, 0.75)
     assert press.compression_ratio == 0.75
+
+
+def test_nll_summary_joins_files_by_window_and_pairs_with_the_best_press(tmp_path):
+    rows = [dict(window=w, fraction=0.2, ratio=0.86, **{"library full": 3.0 + w, "library h2o": 3.1 + w + 0.01 * w,
+                                                        "tova": 3.2 + w, "observed": 3.15 + w - 0.02 * (w == 1)})
+            for w in range(3)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b.write_text("".join(json.dumps({"window": w, "fraction": 0.2, "ratio": 0.86, "library full": 3.0 + w,
+                                     "library pooled": 3.12 + w}) + "\n" for w in range(3)))
+    table = peers.nll_summary([str(a), str(b)])
+    assert "### 20% KV, 3 windows; best press: observed" in table
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["| library h2o"].startswith("| library h2o | 4.1100 | +0.1100 ± 0.0058 | -0.0333 ± 0.0088 (3/3) |")
+    assert lines["| tova"].split(" | ")[3] == "+0.0567 ± 0.0067 (0/3) |"
+    assert lines["| library pooled"].split(" | ")[2] == "+0.1200 ± 0.0000"
+    b.write_text(json.dumps({"window": 1, "fraction": 0.2, "ratio": 0.86, "library full": 9.0}) + "\n")
+    with pytest.raises(ValueError, match="window 1 at 0.2: library full"):
+        peers.nll_summary([str(a), str(b)])
 
 
 def test_an_unknown_press_is_refused():

@@ -225,3 +225,18 @@ def test_engine_specs_name_policies_with_their_fields():
         tasks.engine_spec("h2o:window=3", 0.2)
     with pytest.raises(ValueError, match="spec 'lru'.*kind"):
         tasks.engine_spec("lru", 0.2)
+
+
+def test_engine_specs_choose_the_layer_allocator():
+    from squeeze_ops.engine.allocators import Squeeze, Uniform
+    from squeeze_ops.engine.presets import recommended_allocator
+
+    assert isinstance(tasks.engine_spec("h2o", 0.2)[1].allocator, Uniform)
+    assert isinstance(tasks.engine_spec("h2o@uniform", 0.2)[1].allocator, Uniform)
+    policy, settings = tasks.engine_spec("snapkv@squeeze", 0.3)
+    assert policy.pool_size == 7 and isinstance(settings.allocator, Squeeze) and settings.b_init == 0.3
+    for spec, kind in (("h2o:pool_size=15@recommended", "h2o"), ("streaming@recommended", "streaming")):
+        for fraction in (0.1, 0.2, 0.3):
+            assert tasks.engine_spec(spec, fraction)[1].allocator == recommended_allocator(kind, fraction)
+    with pytest.raises(ValueError, match="spec 'h2o@pyramid': allocator"):
+        tasks.engine_spec("h2o@pyramid", 0.2)
