@@ -544,11 +544,11 @@ class SqueezeKVCache:
             table = _table(pages, counts, device)
             lens = torch.zeros(self.num_layers, len(source), self.num_kv_heads, dtype=torch.int32, device=device)
             self._compress_record(record, source, plan.budgets, table, lens)
-            peak = record.nbytes + self.pool.kv_bytes(self.pages_owned() + int(counts.sum()))
+            peak = record.nbytes + self.pool.kv_bytes(self._pages_owned() + int(counts.sum()))
         else:
             staged = sum(map(len, reserved.pages.values()))
             pages, table, lens = self._shrink(reserved, plan.budgets, counts)
-            peak = reserved.transient + record.nbytes + self.pool.kv_bytes(self.pages_owned() + staged)
+            peak = reserved.transient + record.nbytes + self.pool.kv_bytes(self._pages_owned() + staged)
             record.reserved = None
         self._peak = max(self._peak, peak)
         return self._install(record, source, steps, plan, pages, table, lens)
@@ -585,15 +585,8 @@ class SqueezeKVCache:
 
     def _install(self, record, source, steps, plan, pages, table, lens):
         """New active rows after the current ones."""
-        B, start = len(source), self.batch
-        self._grow(start + B, table.shape[-1])
-        M = table.shape[-1]
-        self.tables[:, start : start + B, :, :M] = table
-        self.tables[:, start : start + B, :, M:] = -1
-        self.lens[:, start : start + B] = lens
-        self.row_budget[:, start : start + B] = plan.budgets.transpose(0, 1)
-        self._positions[start : start + B] = torch.tensor([record.prompt_lens[i] for i in source], dtype=torch.int32,
-                                                          device=self.device)
+        positions = torch.tensor([record.prompt_lens[i] for i in source], dtype=torch.int32, device=self.device)
+        self._write_rows(self.batch, table, lens, plan.budgets.transpose(0, 1), positions)
         ids = []
         for i, src in enumerate(source):
             seq = _Sequence(self._next_id, {(layer, h): pages[(i, layer, h)] for layer in range(self.num_layers)
@@ -655,12 +648,12 @@ class SqueezeKVCache:
         dropped = [p for r, seq in enumerate(self._seqs) if r not in listed for pages in seq.pages.values()
                    for p in pages]
         needed = sum(len(p) for r in rows for p in self._seqs[r].pages.values())
-        short = needed - self.pool.free_pages - self.pages_owned()
+        short = needed - self.pool.free_pages - self._pages_owned()
         if short > 0 and grow:
             self.pool.grow(short)
         elif short > 0:
             raise PoolExhausted(f"pool: rows {rows} need {needed} pages, {self.pool.free_pages} are free and "
-                                f"{self.pages_owned()} held")
+                                f"{self._pages_owned()} held")
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         lens, budget, positions = self.lens[:, index], self.row_budget[:, index], self._positions[index]
         self.pool.release(dropped)
@@ -687,15 +680,21 @@ class SqueezeKVCache:
         counts = counts.view(len(seqs), self.num_layers, self.num_kv_heads)
         table = _table({(i, layer, h): s.pages[(layer, h)] for i, s in enumerate(seqs) for (layer, h) in s.pages},
                        counts, self.device)
-        B = len(seqs)
-        self._grow(B, table.shape[-1])
-        M = table.shape[-1]
-        self.tables[:, :B, :, :M] = table
-        self.tables[:, :B, :, M:] = -1
-        self.lens[:, :B], self.row_budget[:, :B], self._positions[:B] = lens, budget, positions
-        self._pad(slice(B, None))
+        self._write_rows(0, table, lens, budget, positions)
+        self._pad(slice(len(seqs), None))
         self._seqs = seqs
         return [s.id for s in seqs]
+
+    def _write_rows(self, start, table, lens, budget, positions):
+        """Rows start .. start + B - 1 take the block tables [L, B, Hkv, M] (-1 past M), lens and
+        budgets [L, B, Hkv] and positions [B], the device state grown to hold them."""
+        B, M = table.shape[1], table.shape[-1]
+        self._grow(start + B, M)
+        self.tables[:, start : start + B, :, :M] = table
+        self.tables[:, start : start + B, :, M:] = -1
+        self.lens[:, start : start + B] = lens
+        self.row_budget[:, start : start + B] = budget
+        self._positions[start : start + B] = positions
 
     def _pad(self, rows):
         """Rows (an index or a slice) become padding rows: no pages, nothing held, position 0."""
@@ -704,8 +703,7 @@ class SqueezeKVCache:
         self.row_budget[:, rows] = 0
         self._positions[rows] = 0
 
-    def pages_owned(self):
-        """Pages the active sequences hold."""
+    def _pages_owned(self):
         return sum(len(p) for s in self._seqs for p in s.pages.values())
 
     # ---- decoding ----
@@ -764,7 +762,7 @@ class SqueezeKVCache:
         """Byte accounting of the active sequences (see MemoryReport)."""
         pool, L, Hkv, B = self.pool, self.num_layers, self.num_kv_heads, self.batch
         S = pool.page_size
-        pages = self.pages_owned()
+        pages = self._pages_owned()
         budgets = self.row_budget[:, :B].cpu()
         per_layer = [sum(len(s.pages[(layer, h)]) for s in self._seqs for h in range(Hkv)) for layer in range(L)]
         full = sum(L * Hkv * pool.pages_for(s.horizon) for s in self._seqs)
